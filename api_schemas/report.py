@@ -1,0 +1,124 @@
+"""The versioned report.json schema. Bump REPORT_SCHEMA_VERSION on any breaking change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPORT_SCHEMA_VERSION = "1.0"
+
+PERPLEXITY_DEFINITION = (
+    "exp(mean token negative log-likelihood over all predicted tokens of the evaluation windows); "
+    "windows: evaluation text tokenized with the model tokenizer's default special tokens, the "
+    "first eval_tokens tokens cut into non-overlapping seq_len windows, labels = inputs (each "
+    "window predicts its tokens 2..seq_len)."
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Model):
+    source: str
+    architecture: str
+    dtype: str
+    hidden_size: int
+    layers_before: int
+    layers_after: int | None = None
+    params_before: int
+    params_after: int | None = None
+    bytes_before: int = Field(..., description="Parameter bytes in the loaded dtype.")
+    bytes_after: int | None = Field(None, description="Bytes on disk of the saved checkpoint.")
+    extra_params: int = Field(0, description="Parameters added by maps or biases.")
+
+
+class TriggerToken(_Model):
+    position: int
+    window: int
+    token: str
+    context: str
+    residual_share: float
+
+
+class LayerLinearity(_Model):
+    index: int
+    score: float = Field(..., description="Paper score: R^2 of Y on X after centring + norm.")
+    score_without_residual: float = Field(..., description="Same with Y replaced by Y - X.")
+    anisotropy: float = Field(..., description="Top covariance eigenvalue / trace, layer input.")
+    intrinsic_dimension: float | None = Field(None, description="TwoNN on a reservoir.")
+    relative_update_norm: float = Field(..., description="||Y - X||_F / ||X||_F.")
+    cosine_in_out: float = Field(..., description="Mean token cos(x, y).")
+    validation_error: float | None = Field(
+        None, description="||Y - f(X)||^2 / ||Y - mean||^2 of the fitted map on held-out tokens."
+    )
+    top1pct_residual_share: float | None = None
+    trigger_tokens: list[TriggerToken] = Field(default_factory=list)
+
+
+class Perplexity(_Model):
+    baseline: float
+    compressed: float | None = None
+    reloaded: float | None = None
+    before_healing: float | None = None
+    increase_pct: float | None = None
+    validation_baseline: float | None = None
+    validation_compressed: float | None = None
+    definition: str = PERPLEXITY_DEFINITION
+
+
+class Throughput(_Model):
+    tokens_per_s_before: float
+    tokens_per_s_after: float | None = None
+    device: str
+
+
+class DataInfo(_Model):
+    source: str
+    sha256: str
+    calib_tokens: int
+    eval_tokens: int
+    validation_tokens: int
+    seq_len: int
+    calib_windows: int
+    validation_windows: int
+    eval_windows: int
+    calib_sha256: str
+    eval_sha256: str
+    disjoint: bool
+    n_over_d: float = Field(..., description="Calibration tokens (fit part) / hidden size.")
+    reservoir_size: int | None = None
+
+
+class GateRule(_Model):
+    name: str
+    limit: float
+    value: float
+    passed: bool
+
+
+class Gate(_Model):
+    passed: bool
+    rules: list[GateRule]
+
+
+class Report(_Model):
+    schema_version: str = REPORT_SCHEMA_VERSION
+    kind: str
+    model: ModelInfo
+    replaced_layers: list[int] = Field(default_factory=list)
+    format: str | None = None
+    method: str | None = None
+    selection: dict[str, Any] = Field(default_factory=dict)
+    linearity: list[LayerLinearity] = Field(default_factory=list)
+    linearity_notes: str = ""
+    perplexity: Perplexity | None = None
+    throughput: Throughput | None = None
+    data: DataInfo | None = None
+    gate: Gate | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    output_dir: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    compare: list[dict[str, Any]] | None = None

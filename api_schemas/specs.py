@@ -1,0 +1,125 @@
+"""Job specifications: validated once at each entry point (CLI flags, REST body, Celery payload).
+
+The CLI and the service build the same models, so defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUNDLED_MODEL_ALIAS = "smollm2-135m"
+MAX_LAYER_FRACTION_NOTE = "at most L - 2 layers can be replaced (the first and last stay)"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+OutputFormat = Literal["standard", "linear"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSpec(_Frozen):
+    """Where the text comes from: exactly one of a local path, an uploaded dataset, a builtin."""
+
+    path: str | None = Field(None, description="Text file (.txt/.raw) or JSONL with a text field.")
+    dataset_id: str | None = Field(None, description="A dataset uploaded to the service.")
+    builtin: Literal["wikitext2"] | None = Field(
+        None, description="A text the installation ships or points at (wikitext-2 raw test split)."
+    )
+    text_field: str = Field("text", description="The field read from each JSONL record.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DataSpec:
+        given = [n for n in ("path", "dataset_id", "builtin") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"data needs exactly one of path, dataset_id, builtin; got {given or 'none'}"
+            )
+        return self
+
+
+class _JobBase(_Frozen):
+    model: str = Field(
+        BUNDLED_MODEL_ALIAS,
+        description="Hub id, local directory (safetensors), .gguf file, or the alias smollm2-135m.",
+    )
+    data: DataSpec
+    calib_tokens: int = Field(16384, ge=1, description="Calibration tokens (first half of the text).")
+    seq_len: int = Field(512, ge=8, le=32768, description="Tokens per window.")
+    validation_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Share of calibration windows held out for ranking, selection and tuning.",
+    )
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    seed: int = 0
+    metadata: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
+    webhook_url: str | None = Field(None, description="Service only: POSTed on terminal states.")
+
+
+class AnalyzeSpec(_JobBase):
+    """Per-layer linearity analysis, no surgery."""
+
+    kind: Literal["analyze"] = "analyze"
+
+
+class CompressSpec(_JobBase):
+    """Replace layers by fitted linear maps (or remove them and fold), evaluate, save."""
+
+    kind: Literal["compress"] = "compress"
+    layers: int | None = Field(None, description="Number of layers to replace.")
+    indices: list[int] | None = Field(None, description="Explicit original layer indices.")
+    target_ppl_increase: float | None = Field(
+        None, gt=0, description="Replace as many layers as keep the validation increase <= P %."
+    )
+    gate_ppl_increase: float | None = Field(
+        None, ge=0, description="Quality gate: fail (exit 1) if the eval increase exceeds P %."
+    )
+    eval_tokens: int = Field(16384, ge=1, description="Evaluation tokens (second half).")
+    format: OutputFormat = Field("standard", description="standard: folded, plain HF checkpoint.")
+    method: str = Field("auto", description="Fit/selection method; `auto` is the measured best.")
+    heal_steps: int | None = Field(
+        None, ge=0, description="Distillation steps for the fitted maps (None: method default)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_budget(self) -> CompressSpec:
+        given = [n for n in ("layers", "indices", "target_ppl_increase") if getattr(self, n)]
+        if self.layers is not None and self.layers <= 0:
+            raise ValueError(f"layers must be >= 1 ({MAX_LAYER_FRACTION_NOTE}); got {self.layers}")
+        if self.indices is not None:
+            if not self.indices:
+                raise ValueError("indices must name at least one layer")
+            if len(set(self.indices)) != len(self.indices) or min(self.indices) < 0:
+                raise ValueError(f"indices must be distinct and >= 0; got {self.indices}")
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one budget: layers, indices or target_ppl_increase; "
+                f"got {given or 'none'}"
+            )
+        return self
+
+
+class EvalSpec(_JobBase):
+    """Perplexity of one model or saved checkpoint on the evaluation windows."""
+
+    kind: Literal["eval"] = "eval"
+    eval_tokens: int = Field(16384, ge=1)
+
+
+class CompareSpec(_JobBase):
+    """The same analysis on several models over the same windows."""
+
+    kind: Literal["compare"] = "compare"
+    models: list[str] = Field(..., min_length=2)
+    model: str = Field("", description="Unused for compare; see `models`.")
+
+
+JobSpec = Annotated[
+    AnalyzeSpec | CompressSpec | EvalSpec | CompareSpec, Field(discriminator="kind")
+]
