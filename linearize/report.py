@@ -1,0 +1,290 @@
+"""Report rendering: report.json (the schema), report.md with PNG plots, and the model card."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from api_schemas import Report
+
+PLOTS = ("linearity_profile.png", "perplexity_vs_layers.png", "token_nonlinearity.png")
+
+
+def report_bundle_files(report: Report, residuals=None) -> dict[str, bytes | str]:
+    """report.json, report.md and the plots, as {file name: content}."""
+    files: dict[str, bytes | str] = {"report.json": report.model_dump_json(indent=2)}
+    files.update(render_plots(report, residuals))
+    files["report.md"] = render_markdown(report, plots=[n for n in PLOTS if n in files])
+    return files
+
+
+def write_report_bundle(report: Report, directory: Path, residuals=None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in report_bundle_files(report, residuals).items():
+        path = directory / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+
+def summary_lines(report: Report) -> list[str]:
+    """The few lines a terminal or a CI summary shows."""
+    m = report.model
+    lines = [f"model      {m.source} ({m.architecture}, {m.dtype}, d={m.hidden_size})"]
+    if report.replaced_layers:
+        lines.append(
+            f"replaced   layers {report.replaced_layers} -> {report.format} "
+            f"({m.layers_before} -> {m.layers_after} layers)"
+        )
+    if m.params_after is not None:
+        lines.append(
+            f"params     {m.params_before:,} -> {m.params_after:,} "
+            f"({100 * (m.params_after / m.params_before - 1):+.1f}%)"
+        )
+    p = report.perplexity
+    if p is not None:
+        if p.compressed is None:
+            lines.append(f"perplexity {p.baseline:.3f}")
+        else:
+            lines.append(
+                f"perplexity {p.baseline:.3f} -> {p.compressed:.3f} "
+                f"({p.increase_pct:+.1f}%), reloaded {p.reloaded or float('nan'):.3f}"
+            )
+    t = report.throughput
+    if t is not None and t.tokens_per_s_after:
+        lines.append(
+            f"throughput {t.tokens_per_s_before:.0f} -> {t.tokens_per_s_after:.0f} "
+            f"tokens/s ({t.device})"
+        )
+    if report.gate is not None:
+        lines.append(
+            "gate       "
+            + ("PASSED" if report.gate.passed else "FAILED")
+            + "  "
+            + ", ".join(f"{r.name} {r.value:.2f} <= {r.limit}" for r in report.gate.rules)
+        )
+    return lines
+
+
+def render_markdown(report: Report, plots: list[str] = ()) -> str:
+    out = [f"# linearize {report.kind} report", "", "```", *summary_lines(report), "```", ""]
+    if report.perplexity is not None:
+        out += [
+            "## Perplexity",
+            "",
+            f"Definition: {report.perplexity.definition}",
+            "",
+            "| | value |",
+            "|---|---|",
+        ]
+        for key in (
+            "baseline",
+            "compressed",
+            "reloaded",
+            "validation_baseline",
+            "validation_compressed",
+            "increase_pct",
+        ):
+            value = getattr(report.perplexity, key)
+            if value is not None:
+                out.append(f"| {key} | {value:.4f} |")
+        out += [
+            "",
+            "Perplexity degrades far more than multiple-choice accuracy does; treat it as "
+            "a strict measure of damage.",
+            "",
+        ]
+    if report.linearity:
+        out += [
+            "## Linearity per layer",
+            "",
+            report.linearity_notes,
+            "",
+            "| layer | score | w/o residual | held-out error | anisotropy | intrinsic dim | "
+            "top-1% share | cos(in,out) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in report.linearity:
+            mark = " *" if row.index in report.replaced_layers else ""
+            out.append(
+                f"| {row.index}{mark} | {row.score:.5f} | {row.score_without_residual:.4f} | "
+                f"{_fmt(row.validation_error)} | {row.anisotropy:.3f} | "
+                f"{_fmt(row.intrinsic_dimension, '.1f')} | {_fmt(row.top1pct_residual_share, '.3f')} | "
+                f"{row.cosine_in_out:.3f} |"
+            )
+        out += [
+            "",
+            "`*` replaced. The nonlinearity concentrates on a few tokens (top-1% share); "
+            "the tokens carrying most of each replaced layer's residual:",
+            "",
+        ]
+        for row in report.linearity:
+            if row.index in report.replaced_layers and row.trigger_tokens:
+                tokens = "; ".join(
+                    f"{t.token!r} (w{t.window}:{t.position}, {100 * t.residual_share:.1f}%)"
+                    for t in row.trigger_tokens
+                )
+                out.append(f"- layer {row.index}: {tokens}")
+        out.append("")
+    for name in plots:
+        out += [f"![{name}]({name})", ""]
+    if report.notes:
+        out += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
+    out += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items()), ""]
+    return "\n".join(out)
+
+
+def model_card(report: Report) -> str:
+    from linearize.checkpoint import render_model_card
+
+    m, p = report.model, report.perplexity
+    body = [
+        f"# {Path(m.source).name} with {len(report.replaced_layers)} layers linearized",
+        "",
+        f"Made by [linearize](https://example.invalid/linearize) from `{m.source}`: layers "
+        f"{report.replaced_layers} were replaced by fitted linear maps ({report.format} format, "
+        f"method `{report.method}`).",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| layers | {m.layers_before} | {m.layers_after} |",
+        f"| parameters | {m.params_before:,} | {m.params_after:,} |",
+    ]
+    if p is not None and p.compressed is not None:
+        body += [
+            f"| perplexity | {p.baseline:.3f} | {p.reloaded or p.compressed:.3f} "
+            f"({p.increase_pct:+.1f}%) |"
+        ]
+    if report.throughput and report.throughput.tokens_per_s_after:
+        t = report.throughput
+        body += [
+            f"| tokens/s ({t.device}) | {t.tokens_per_s_before:.0f} | {t.tokens_per_s_after:.0f} |"
+        ]
+    body += [
+        "",
+        f"Perplexity: {p.definition if p else ''}",
+        "",
+        "Perplexity degrades far more than multiple-choice accuracy does; evaluate on your "
+        "own tasks before use. See report.md and report.json for the full analysis.",
+        "",
+    ]
+    if report.format == "linear":
+        body += [
+            "Load with `linearize.load(path)` (the linear blocks are not a stock "
+            "transformers layer).",
+            "",
+        ]
+    else:
+        body += ["Loads with plain `AutoModelForCausalLM.from_pretrained(path)`.", ""]
+    return render_model_card(
+        "\n".join(body),
+        base_model=m.source,
+        library_name="transformers",
+        tags=("linearize", "pruned", "layer-linearization"),
+    )
+
+
+def render_plots(report: Report, residuals=None) -> dict[str, bytes]:
+    if not report.linearity:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; no display on workers
+    import matplotlib.pyplot as plt
+
+    plots = {"linearity_profile.png": _plot_profile(plt, report)}
+    if report.perplexity is not None and report.perplexity.compressed is not None:
+        plots["perplexity_vs_layers.png"] = _plot_ppl(plt, report)
+    if residuals is not None:
+        plots["token_nonlinearity.png"] = _plot_tokens(plt, report, residuals)
+    return plots
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _plot_profile(plt, report: Report) -> bytes:
+    idx = [r.index for r in report.linearity]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(idx, [r.score for r in report.linearity], "o-", label="with residual")
+    top.set_ylabel("linearity score")
+    top.legend()
+    bottom.plot(
+        idx,
+        [r.score_without_residual for r in report.linearity],
+        "s-",
+        color="C1",
+        label="without residual",
+    )
+    bottom.set_ylabel("linearity score")
+    bottom.set_xlabel("layer")
+    bottom.legend()
+    for ax in (top, bottom):
+        for i in report.replaced_layers:
+            ax.axvline(i, color="grey", alpha=0.3)
+    top.set_title("Linearity profile (grey: replaced layers)")
+    return _png(fig)
+
+
+def _plot_ppl(plt, report: Report) -> bytes:
+    p = report.perplexity
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(
+        [0, len(report.replaced_layers)],
+        [p.baseline, p.compressed],
+        "o-",
+        label="evaluation windows",
+    )
+    trace = report.selection.get("trace") or []
+    if trace and p.validation_baseline:
+        points = sorted(
+            (t["k"], p.validation_baseline * (1 + t["validation_increase_pct"] / 100))
+            for t in trace
+        )
+        ax.plot(
+            [0] + [k for k, _ in points],
+            [p.validation_baseline] + [v for _, v in points],
+            "s--",
+            label="validation slice (search)",
+        )
+    ax.set_xlabel("replaced layers")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    ax.set_title("Perplexity against the number of replaced layers")
+    return _png(fig)
+
+
+def _plot_tokens(plt, report: Report, residuals) -> bytes:
+    import torch
+
+    chosen = (
+        report.replaced_layers
+        or sorted(
+            range(len(report.linearity)), key=lambda i: report.linearity[i].score, reverse=True
+        )[:4]
+    )
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i in chosen[:8]:
+        r = residuals[i]
+        share = (r / r.sum().clamp_min(1e-300)).sort(descending=True).values.cumsum(0)
+        frac = torch.arange(1, len(r) + 1) / len(r)
+        ax.plot(frac.numpy(), share.numpy(), label=f"layer {i}")
+    ax.plot([0, 1], [0, 1], "k:", label="uniform")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of validation tokens (largest residual first)")
+    ax.set_ylabel("share of the layer's residual")
+    ax.set_title("Where the nonlinearity lives: cumulative per-token residual")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _fmt(value, spec: str = ".2e") -> str:
+    return "-" if value is None else format(value, spec)

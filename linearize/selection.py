@@ -1,0 +1,82 @@
+"""Which layers to replace for a budget: a count, explicit indices, or a quality limit.
+
+Rankings use held-out numbers only (the validation slice of calibration); evaluation windows
+never choose anything. The first and last layers stay unless named explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from api_schemas.specs import MAX_LAYER_FRACTION_NOTE
+from linearize.errors import BudgetError
+
+Span = tuple[int, int]
+
+
+def max_budget(n_layers: int) -> int:
+    return n_layers - 2
+
+
+def check_layer_budget(k: int, n_layers: int) -> None:
+    if not 1 <= k <= max_budget(n_layers):
+        raise BudgetError(
+            f"cannot replace {k} layers of {n_layers}: {MAX_LAYER_FRACTION_NOTE}, "
+            f"so at most L - 2 = {max_budget(n_layers)} here"
+        )
+
+
+def check_indices(indices: Sequence[int], n_layers: int) -> list[int]:
+    bad = [i for i in indices if not 0 <= i < n_layers]
+    if bad:
+        raise BudgetError(f"layer indices {bad} out of range 0..{n_layers - 1}")
+    check_layer_budget(len(indices), n_layers)
+    return sorted(indices)
+
+
+def rank_layers(scores: Sequence[float], n_layers: int) -> list[int]:
+    """Candidate layers (all but the first and last), most replaceable first."""
+    candidates = range(1, n_layers - 1)
+    return sorted(candidates, key=lambda i: scores[i], reverse=True)
+
+
+def select_top(scores: Sequence[float], k: int, n_layers: int) -> list[int]:
+    check_layer_budget(k, n_layers)
+    return sorted(rank_layers(scores, n_layers)[:k])
+
+
+def contiguous_spans(indices: Sequence[int]) -> list[Span]:
+    """[3, 4, 5, 9] -> [(3, 5), (9, 9)]."""
+    spans: list[Span] = []
+    for i in sorted(indices):
+        if spans and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return spans
+
+
+def search_largest_budget(
+    ranking: Sequence[int], limit_pct: float, increase_for: Callable[[list[int]], float]
+) -> tuple[list[int], list[dict]]:
+    """Largest k whose validation increase (%) stays <= limit_pct, by binary search on k.
+
+    Assumes the increase grows with k along the fixed ranking (checked points are reported, so
+    a violation is visible). Returns the chosen indices and the trace of evaluated budgets.
+    """
+    trace: list[dict] = []
+    lo, hi = 0, len(ranking)  # invariant: k = lo passes (k = 0 trivially), k > hi unknown/fails
+    best: list[int] = []
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        indices = sorted(ranking[:k])
+        increase = increase_for(indices)
+        passed = increase <= limit_pct
+        trace.append(
+            {"k": k, "indices": indices, "validation_increase_pct": increase, "passed": passed}
+        )
+        if passed:
+            lo, best = k, indices
+        else:
+            hi = k - 1
+    return best, trace
