@@ -1,0 +1,295 @@
+"""Celery configuration shared by the API (publisher) and the worker, plus the reconciler.
+
+The API publishes tasks by name (no import of `worker`). The database decides what should run;
+the reconciler re-sends every queued job the broker has lost (Redis restarted without
+persistence, a publish that failed while Redis was down, a message fetched by a worker that died).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from api_schemas.jobs import TASK_RUN_JOB, TASK_SEND_WEBHOOK
+from service.db import utcnow
+from service.settings import Settings
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+# kombu's Redis transport keeps priority levels as extra lists named queue + sep + level.
+_REDIS_PRIORITY_SEP = "\x06\x16"
+_REDIS_PRIORITY_LEVELS = (3, 6, 9)
+_REDIS_UNACKED_KEY = "unacked"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    url = settings.resolved_broker_url
+    transport: dict[str, Any] = {}
+    if settings.broker_is_redis:
+        transport = {
+            # Above the hard time limit: otherwise Redis hands a still-running task to a second
+            # worker (the "redelivery trap").
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 10,
+        }
+    # (kombu's SQLAlchemy transport hands its options to create_engine: none needed there.)
+    return dict(
+        broker_url=url,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child or None,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.job_queue,
+        task_queues=(Queue(settings.job_queue), Queue(settings.webhook_queue)),
+        task_routes={
+            TASK_RUN_JOB: {"queue": settings.job_queue},
+            TASK_SEND_WEBHOOK: {"queue": settings.webhook_queue},
+        },
+        worker_enable_remote_control=settings.broker_is_redis,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+    )
+
+
+def task_id_for(job_id: str) -> str:
+    """The job id leads the task id, so the reconciler can tell which jobs the broker holds."""
+    return f"{job_id}.{secrets.token_hex(4)}"
+
+
+def job_id_of(task_id: str) -> str:
+    return task_id.split(".", 1)[0]
+
+
+class Broker:
+    """Publishes job and webhook tasks; inspects the broker for the reconciler and /readyz."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = Celery("linearize-api", set_as_current=False)
+        self.app.conf.update(celery_config(settings))
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self._redis = None
+        self._sqla = None
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        if self._sqla is not None:
+            self._sqla.dispose()
+
+    def publish_job(self, job_id: str) -> bool:
+        """Send the job to its queue; False if the broker is down (the reconciler retries)."""
+        return self._publish(TASK_RUN_JOB, job_id, self.settings.job_queue)
+
+    def publish_webhook(self, job_id: str) -> bool:
+        return self._publish(TASK_SEND_WEBHOOK, job_id, self.settings.webhook_queue)
+
+    def _publish(self, name: str, job_id: str, queue: str) -> bool:
+        if time.monotonic() < self._down_until:
+            return False
+        try:
+            self.app.send_task(
+                name,
+                args=[job_id],
+                queue=queue,
+                task_id=task_id_for(job_id),
+                retry=True,
+                # One quick retry covers a pooled connection that died with a Redis restart;
+                # more would hold the HTTP request while the broker is really down.
+                retry_policy={
+                    "max_retries": 1,
+                    "interval_start": 0,
+                    "interval_step": 0.2,
+                    "interval_max": 0.2,
+                },
+            )
+            return True
+        except Exception as exc:  # any transport error: the DB row stays queued
+            log.warning("publish of %s for %s failed: %s", name, job_id, exc)
+            with self._lock:
+                self._down_until = time.monotonic() + self.settings.broker_retry_after_s
+            return False
+
+    # Inspection -------------------------------------------------------------------------
+
+    def _redis_client(self):
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self.settings.resolved_broker_url, socket_timeout=2, socket_connect_timeout=1
+            )
+        return self._redis
+
+    def _sqla_engine(self):
+        if self._sqla is None:
+            from sqlalchemy import create_engine
+
+            url = self.settings.resolved_broker_url.removeprefix("sqla+")
+            self._sqla = create_engine(url, connect_args={"timeout": 5})
+        return self._sqla
+
+    def ping(self) -> bool:
+        try:
+            if self.settings.broker_is_redis:
+                return bool(self._redis_client().ping())
+            from sqlalchemy import text
+
+            with self._sqla_engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    def queue_depth(self) -> int | None:
+        try:
+            if self.settings.broker_is_redis:
+                r = self._redis_client()
+                return sum(int(r.llen(key)) for key in self._redis_queue_keys())
+            from sqlalchemy import text
+
+            with self._sqla_engine().connect() as conn:
+                return int(
+                    conn.execute(
+                        text(
+                            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q "
+                            "ON m.queue_id = q.id WHERE q.name = :q AND m.visible"
+                        ),
+                        {"q": self.settings.job_queue},
+                    ).scalar_one()
+                )
+        except Exception:
+            return None
+
+    def _redis_queue_keys(self) -> list[str]:
+        queue = self.settings.job_queue
+        return [queue] + [f"{queue}{_REDIS_PRIORITY_SEP}{p}" for p in _REDIS_PRIORITY_LEVELS]
+
+    def job_ids_held(self) -> set[str] | None:
+        """Job ids with a message waiting or in flight; None when the broker cannot tell."""
+        try:
+            if self.settings.broker_is_redis:
+                return self._redis_job_ids()
+            return self._sqla_job_ids()
+        except Exception as exc:
+            log.info("cannot inspect the broker: %s", exc)
+            return None
+
+    def _redis_job_ids(self) -> set[str]:
+        r = self._redis_client()
+        held: set[str] = set()
+        for key in self._redis_queue_keys():
+            for raw in r.lrange(key, 0, -1):
+                held.add(job_id_of(json.loads(raw)["headers"]["id"]))
+        for raw in r.hvals(_REDIS_UNACKED_KEY):
+            message = json.loads(raw)[0]
+            held.add(job_id_of(message["headers"]["id"]))
+        return held
+
+    def _sqla_job_ids(self) -> set[str]:
+        from sqlalchemy import text
+
+        held: set[str] = set()
+        with self._sqla_engine().connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT m.payload FROM kombu_message m JOIN kombu_queue q "
+                    "ON m.queue_id = q.id WHERE q.name = :q AND m.visible"
+                ),
+                {"q": self.settings.job_queue},
+            )
+            for (payload,) in rows:
+                held.add(job_id_of(json.loads(payload)["headers"]["id"]))
+        return held
+
+
+class Reconciler:
+    """Makes the broker match the database, and applies retention. Safe to run in every API
+    process at once: publishing a job twice is harmless (the worker's lease drops the copy)."""
+
+    def __init__(self, settings: Settings, store: Store, broker: Broker):
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_retention = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("reconcile pass failed")
+            if self._stop.wait(self.settings.reconcile_interval_s):
+                return
+
+    def run_once(self) -> dict[str, int]:
+        requeued = self.store.requeue_expired_leases()
+        held = self.broker.job_ids_held()
+        cutoff = utcnow() - timedelta(seconds=self.settings.requeue_grace_s)
+        published = 0
+        for row in self.store.queued_jobs():
+            never_sent = row.enqueued_at is None
+            lost = (
+                held is not None
+                and row.id not in held
+                and row.enqueued_at is not None
+                and row.enqueued_at < cutoff
+            )
+            if (never_sent or lost) and self.broker.publish_job(row.id):
+                self.store.mark_enqueued(row.id)
+                published += 1
+        if time.monotonic() - self._last_retention > 3600:
+            self._last_retention = time.monotonic()
+            self.apply_retention()
+        if requeued or published:
+            log.info(
+                "reconciled: %d leases expired, %d jobs (re)published", len(requeued), published
+            )
+        return {"expired_leases": len(requeued), "published": published}
+
+    def apply_retention(self) -> None:
+        now = utcnow()
+        artifacts = self.settings.resolved_artifact_dir
+        for job_id in self.store.expire_artifacts(
+            now - timedelta(days=self.settings.artifact_retention_days)
+        ):
+            shutil.rmtree(artifacts / "jobs" / job_id, ignore_errors=True)
+        for path in self.store.expire_datasets(
+            now - timedelta(days=self.settings.dataset_retention_days)
+        ):
+            try:
+                (artifacts / "datasets" / path).unlink(missing_ok=True)
+            except OSError:
+                log.warning("could not delete expired dataset %s", path)

@@ -1,0 +1,58 @@
+"""Typed FastAPI dependencies: settings, store, broker, and the caller's tenant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.broker import Broker
+from service.settings import Settings, tenant_for_key
+from service.store import Store
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    broker: Broker
+    key_hashes: dict[str, str]
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.linearize
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from LINEARIZE_API_KEYS.")
+
+
+def get_tenant(
+    state: StateDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    tenant = None
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        tenant = tenant_for_key(state.key_hashes, credentials.credentials)
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or invalid API key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def unprocessable(field: str | list[str], message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, so clients parse one format."""
+    loc = ["body", *([field] if isinstance(field, str) else field)]
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        [{"loc": loc, "msg": message, "type": "value_error"}],
+    )

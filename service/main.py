@@ -1,0 +1,100 @@
+"""The FastAPI app: `uvicorn service.main:app`. Never imports torch or the engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib import metadata
+
+from fastapi import FastAPI
+
+from service.broker import Broker, Reconciler
+from service.db import init_schema, make_engine
+from service.deps import AppState
+from service.metrics import make_registry
+from service.routers import datasets, health, jobs
+from service.settings import Settings, get_settings
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Submit compression and analysis jobs for transformer checkpoints, follow their progress, and
+download the report and the compressed checkpoint. Authenticate with `Authorization: Bearer <key>`.
+"""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("linearize")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class _LatencyMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): adds no task switch to every request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status_code = 500
+
+        async def send_status(message):
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            histogram = getattr(scope["app"].state, "http_latency", None)
+            if histogram is not None:
+                histogram.labels(
+                    scope["method"], getattr(route, "path", "unmatched"), str(status_code)
+                ).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        config = settings or get_settings()
+        engine = make_engine(config.resolved_database_url)
+        init_schema(engine)
+        config.resolved_artifact_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(engine)
+        broker = Broker(config)
+        state = AppState(config, store, broker, config.key_hashes())
+        app.state.linearize = state
+        app.state.metrics_registry, app.state.http_latency = make_registry(state)
+        reconciler = Reconciler(config, store, broker)
+        if reconcile:
+            reconciler.start()
+        try:
+            yield
+        finally:
+            reconciler.stop()
+            broker.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="linearize",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.add_middleware(_LatencyMiddleware)
+    app.include_router(health.router)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    return app
+
+
+app = create_app()

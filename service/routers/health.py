@@ -1,0 +1,49 @@
+"""Liveness, readiness (broker, database, a worker heartbeat) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from service.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers; says nothing about its dependencies."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    responses={503: {"description": "Broker, database or workers missing."}},
+)
+async def readyz(state: StateDep, response: Response) -> dict[str, object]:
+    def check() -> dict[str, object]:
+        try:
+            with state.store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            database = True
+        except Exception:
+            database = False
+        workers = (
+            len(state.store.alive_workers(3 * state.settings.worker_heartbeat_s)) if database else 0
+        )
+        return {"broker": state.broker.ping(), "database": database, "workers": workers}
+
+    checks = await run_in_threadpool(check)
+    ready = bool(checks["broker"] and checks["database"] and checks["workers"])
+    if not ready:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return {"status": "ready" if ready else "not ready", "checks": checks}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics_registry
+    body = await run_in_threadpool(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

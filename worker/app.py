@@ -1,0 +1,75 @@
+"""The Celery app: `celery -A worker.app worker -Q <queue> -c 1` (one process per GPU).
+
+Configuration comes from the same LINEARIZE_ settings as the API (service.broker.celery_config):
+acks late, requeue when the pool process dies, prefetch 1, soft and hard time limits, Redis
+visibility timeout above the hard limit, and a fresh process per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+
+from celery import Celery, signals
+
+from service.broker import celery_config
+from service.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+app = Celery("linearize", include=["worker.tasks"])
+app.conf.update(celery_config(get_settings()))
+
+
+class _Heartbeat:
+    """Writes this worker's liveness to the job store, which /readyz reads."""
+
+    def __init__(self, name: str, queues: str):
+        self.name, self.queues = name, queues
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        from worker.runner import worker_store
+
+        settings = get_settings()
+        while True:
+            try:
+                worker_store().heartbeat_worker(
+                    self.name, self.queues, socket.gethostname(), os.getpid()
+                )
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            if self.stop.wait(settings.worker_heartbeat_s):
+                break
+        with contextlib.suppress(Exception):
+            worker_store().remove_worker(self.name)
+
+
+_heartbeat: _Heartbeat | None = None
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **_kwargs) -> None:
+    global _heartbeat
+    queues = ",".join(sorted(q.name for q in sender.task_consumer.queues)) if sender else ""
+    _heartbeat = _Heartbeat(getattr(sender, "hostname", socket.gethostname()), queues)
+    _heartbeat.thread.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop.set()
+        _heartbeat.thread.join(timeout=5)
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_kwargs) -> None:
+    # Connections inherited from the parent must not be shared with it across the fork.
+    from worker.runner import reset_after_fork
+
+    reset_after_fork()
