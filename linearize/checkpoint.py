@@ -1,0 +1,396 @@
+"""Checkpoints: sharded safetensors + config + generation config + tokenizer + linearize.json.
+
+Two formats:
+
+- "standard": folded/removed layers only. A plain transformers checkpoint with fewer layers;
+  `AutoModelForCausalLM.from_pretrained` loads it.
+- "linear": some decoder positions hold `LinearBlock`s. The layout lives in config.json under
+  `linearize` (see linearize.surgery: `linear_blocks` gives each block's position and bias) and is
+  repeated in linearize.json. The weights are written as `linearize.safetensors` (or
+  `linearize-0000i-of-0000n.safetensors` + `linearize.safetensors.index.json`) rather than
+  `model.safetensors`, so plain `from_pretrained` fails loudly ("no file named model.safetensors")
+  instead of silently building random attention layers where the linear blocks are. Load it with
+  `linearize.load(path)`.
+
+Publishing is two-phase so that nothing half-written ever sits at the output path:
+
+    staged = stage_checkpoint(model, tokenizer, out, resolved_spec=spec, force=force)
+    with staged:                       # discards the staging dir unless published
+        reloaded = load(staged.path)   # verify the files before publishing
+        staged.publish({"report.json": report_json, "README.md": render_model_card(...)})
+
+`save_checkpoint` does both phases at once. Loading never unpickles and never runs remote code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from linearize.errors import InputError, ModelSourceError, OutputExistsError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "linearize.json"
+LINEAR_WEIGHTS_PREFIX = "linearize"
+STANDARD_WEIGHTS_PREFIX = "model"
+FORMATS = ("standard", "linear")
+DEFAULT_TAGS = ("linearize", "pruned")
+
+
+# --- publishing --------------------------------------------------------------------------------
+
+
+class StagedCheckpoint:
+    """A complete checkpoint in a hidden directory next to its target, not yet published.
+
+    `publish` adds the extra files (report, model card) and moves the directory into place with
+    one rename. Used as a context manager, it deletes the staging directory unless published.
+    """
+
+    def __init__(self, path: Path, output_dir: Path, *, force: bool) -> None:
+        self.path = path
+        self.output_dir = output_dir
+        self.force = force
+        self.published = False
+
+    def write_files(self, files: Mapping[str, str | bytes]) -> None:
+        """Add or overwrite top-level files (e.g. report.json, README.md) in the staging dir."""
+        for name, content in files.items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise InputError(f"extra checkpoint file name must be a plain file name: {name!r}")
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            (self.path / name).write_bytes(data)
+
+    def publish(self, extra_files: Mapping[str, str | bytes] | None = None) -> Path:
+        """Write `extra_files`, then atomically move the checkpoint to the output dir."""
+        if self.published:
+            raise InputError(f"checkpoint already published to {self.output_dir}")
+        self.write_files(extra_files or {})
+        _publish_directory(self.path, self.output_dir, force=self.force)
+        self.published = True
+        logger.info("checkpoint published at %s", self.output_dir)
+        return self.output_dir
+
+    def discard(self) -> None:
+        if not self.published:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagedCheckpoint:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.discard()
+
+
+def stage_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | os.PathLike,
+    *,
+    resolved_spec: dict,
+    force: bool = False,
+    shard_size: str | int = "200MB",
+) -> StagedCheckpoint:
+    """Write the whole checkpoint into a staging dir next to `output_dir` and return it.
+
+    Refuses a non-empty `output_dir` unless `force` (checked now, to fail before the slow write,
+    and again at publish). A failure while writing removes the staging dir.
+    """
+    output_dir = Path(output_dir).absolute()
+    _check_output_dir(output_dir, force=force)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        fmt = _write_model(_serializable(model), staging, shard_size=shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _write_manifest(staging, model, fmt, resolved_spec)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("checkpoint (%s format) staged at %s", fmt, staging)
+    return StagedCheckpoint(staging, output_dir, force=force)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | os.PathLike,
+    *,
+    resolved_spec: dict,
+    force: bool = False,
+    shard_size: str | int = "200MB",
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Stage and publish in one go (no verification in between); returns the output dir."""
+    staged = stage_checkpoint(
+        model,
+        tokenizer,
+        output_dir,
+        resolved_spec=resolved_spec,
+        force=force,
+        shard_size=shard_size,
+    )
+    with staged:
+        return staged.publish(extra_files)
+
+
+def render_model_card(
+    body: str,
+    *,
+    base_model: str | None,
+    tags: tuple[str, ...] = DEFAULT_TAGS,
+    library_name: str | None = None,
+) -> str:
+    """README.md text: YAML front matter (base_model, tags) followed by the given Markdown body."""
+    import yaml
+
+    front: dict[str, Any] = {}
+    if base_model:
+        front["base_model"] = base_model
+    if library_name:
+        front["library_name"] = library_name
+    front["tags"] = list(tags)
+    header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+    return f"---\n{header}---\n\n{body.strip()}\n"
+
+
+def _check_output_dir(output_dir: Path, *, force: bool) -> None:
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise InputError(f"output path {output_dir} exists and is not a directory")
+    if any(output_dir.iterdir()) and not force:
+        raise OutputExistsError(f"output directory {output_dir} is not empty (use --force)")
+
+
+def _publish_directory(staging: Path, output_dir: Path, *, force: bool) -> None:
+    """Move staging -> output_dir with os.replace; with force, the old dir goes aside first."""
+    _check_output_dir(output_dir, force=force)
+    aside = None
+    if output_dir.exists():
+        if any(output_dir.iterdir()):
+            aside = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(output_dir, aside)
+        else:
+            output_dir.rmdir()
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, output_dir)  # put the previous checkpoint back
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def checkpoint_format_of(model: nn.Module) -> str:
+    """'linear' when any decoder position holds a LinearBlock, else 'standard'."""
+    from linearize.architectures import decoder_layers
+    from linearize.surgery import LinearBlock
+
+    return (
+        "linear" if any(isinstance(m, LinearBlock) for m in decoder_layers(model)) else "standard"
+    )
+
+
+def _serializable(model: nn.Module) -> nn.Module:
+    """A model save_pretrained accepts.
+
+    Models loaded from GGUF carry a quantization_config and save_pretrained refuses them even
+    after dequantization; an identical fresh model built from the config without it saves fine.
+    """
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=_floating_dtype(model))
+    _install_recorded_linear_blocks(fresh)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.generation_config = copy.deepcopy(model.generation_config)
+    logger.info("rebuilt the model without quantization_config so that it can be saved")
+    return fresh.eval()
+
+
+def _write_model(model: nn.Module, directory: Path, *, shard_size: str | int) -> str:
+    fmt = checkpoint_format_of(model)
+    if fmt == "standard":
+        model.save_pretrained(directory, max_shard_size=shard_size)
+        return fmt
+    # Keep in-memory parameter names: `load` reads these files with load_state_dict.
+    model.save_pretrained(directory, max_shard_size=shard_size, save_original_format=False)
+    _rename_weight_files(directory, STANDARD_WEIGHTS_PREFIX, LINEAR_WEIGHTS_PREFIX)
+    return fmt
+
+
+def _rename_weight_files(directory: Path, old_prefix: str, new_prefix: str) -> None:
+    index_path = directory / f"{old_prefix}.safetensors.index.json"
+    renames = {
+        path.name: new_prefix + path.name[len(old_prefix) :]
+        for path in directory.glob(f"{old_prefix}*.safetensors")
+    }
+    if not renames:
+        raise ModelSourceError(f"save_pretrained wrote no {old_prefix}*.safetensors files")
+    for old, new in renames.items():
+        os.replace(directory / old, directory / new)
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {key: renames[file] for key, file in index["weight_map"].items()}
+        (directory / f"{new_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        index_path.unlink()
+
+
+def _write_manifest(directory: Path, model: nn.Module, fmt: str, resolved_spec: dict) -> None:
+    from linearize import __version__
+
+    manifest = {
+        "linearize_version": __version__,
+        "format": fmt,
+        "model_type": model.config.model_type,
+        "load_with": "linearize.load(path)"
+        if fmt == "linear"
+        else "transformers.AutoModelForCausalLM.from_pretrained(path)",
+        "weights_prefix": LINEAR_WEIGHTS_PREFIX if fmt == "linear" else STANDARD_WEIGHTS_PREFIX,
+        "layout": getattr(model.config, "linearize", None),
+        "resolved_spec": resolved_spec,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=False, default=str)
+    (directory / MANIFEST_NAME).write_text(text + "\n")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """linearize.json of a checkpoint dir, or None for a checkpoint linearize did not write."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelSourceError(f"cannot read {manifest_path}: {err}") from err
+    if manifest.get("format") not in FORMATS:
+        raise ModelSourceError(f"{manifest_path}: unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Load a checkpoint in either format, in eval mode. Safetensors only, no remote code."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelSourceError(f"checkpoint directory {path} does not exist")
+    manifest = read_manifest(path)
+    if manifest is None or manifest["format"] == "standard":
+        model = _load_standard(path, dtype)
+    else:
+        model = _load_linear(path, dtype, manifest)
+    return model.to(device).eval()
+
+
+def _load_standard(path: Path, dtype: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": _as_torch_dtype(dtype)} if dtype is not None else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, use_safetensors=True, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def _load_linear(path: Path, dtype: Any, manifest: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    layout = getattr(config, "linearize", None)
+    if not layout or layout.get("linear_blocks") != manifest["layout"]["linear_blocks"]:
+        raise ModelSourceError(f"{path}: config.json and {MANIFEST_NAME} disagree on the layout")
+    state = _read_linear_weights(path)
+    dtype = _as_torch_dtype(dtype) or next(iter(state.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _install_recorded_linear_blocks(model)
+    _load_state_strictly(model, state, path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def _install_recorded_linear_blocks(model: nn.Module) -> None:
+    from linearize.surgery import install_linear_blocks
+
+    layout = getattr(model.config, "linearize", None) or {}
+    install_linear_blocks(model, layout.get("linear_blocks", []))
+
+
+def _read_linear_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob(f"{LINEAR_WEIGHTS_PREFIX}*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"{path}: no {LINEAR_WEIGHTS_PREFIX}*.safetensors weight files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def _load_state_strictly(model: nn.Module, state: dict, path: Path) -> None:
+    """load_state_dict, where the only keys allowed missing are tied aliases of loaded ones."""
+    result = model.load_state_dict(state, strict=False)
+    loaded = set(state)
+    aliases: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), set()).add(name)
+    names_to_ids = {n: i for i, names in aliases.items() for n in names}
+    missing = [
+        key for key in result.missing_keys if not aliases.get(names_to_ids.get(key), set()) & loaded
+    ]
+    if missing or result.unexpected_keys:
+        raise ModelSourceError(
+            f"{path}: weights do not match the recorded layout "
+            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
+
+
+def _as_torch_dtype(dtype: Any) -> torch.dtype | None:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    import torch
+
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.get_default_dtype()

@@ -1,0 +1,460 @@
+"""Model surgery: replace decoder layers by linear maps, or fold maps into a neighbour and drop layers.
+
+Spans are `(start, end)` pairs of ORIGINAL layer indices, both inclusive. Every operation works in
+place, keeps the config consistent with the layers list (layer count, per-layer lists such as
+`layer_types`), renumbers the attention `layer_idx` that indexes the KV cache, and records the
+layout in `model.config.linearize` (a plain JSON dict, saved with config.json):
+
+    {"version": 1,
+     "original_num_layers": 30,
+     "origins": [[0, 0], ..., [12, 15], [16, 16], ...],  # original span behind each position
+     "linear_blocks": [{"position": 12, "span": [12, 15], "bias": true}],
+     "folds": [{"into": 11, "span": [12, 15], "attn": false}],
+     "removed": [20, 21]}
+
+Because surgery looks spans up through `origins`, several calls compose: indices always refer to
+the original model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from linearize.architectures import (
+    Architecture,
+    decoder_layers,
+    get_architecture,
+    hidden_size,
+    num_layers,
+)
+from linearize.errors import FoldError, InputError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+Span = tuple[int, int]
+LAYOUT_VERSION = 1
+# Attributes some model forwards or cache builders read off a decoder layer; a replacement keeps them.
+_LAYER_ATTRIBUTES = ("layer_type", "attention_type", "is_sliding", "sliding_window")
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """y = x @ weight + bias, rows are tokens. weight: (d_in, d_out); bias: (d_out,) or None."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight.dim() != 2:
+            raise InputError(f"affine map weight must be 2-D, got shape {tuple(self.weight.shape)}")
+        if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[1],):
+            raise InputError(
+                f"affine map bias has shape {tuple(self.bias.shape)}, "
+                f"expected ({self.weight.shape[1]},) to match weight {tuple(self.weight.shape)}"
+            )
+
+    def apply(self, x: Tensor) -> Tensor:
+        """The map on x (..., d_in), computed in x's dtype and device."""
+        y = x @ self.weight.to(x)
+        return y if self.bias is None else y + self.bias.to(x)
+
+
+@dataclass(frozen=True)
+class OutputFold:
+    """Maps folded into a kept block's output projections.
+
+    The block's new output is r + M @ mlp.weight + mlp.bias, with M its MLP output before the
+    residual add; `attn` does the same to the attention output (parallel-residual models only).
+    """
+
+    mlp: AffineMap
+    attn: AffineMap | None = None
+
+
+class LinearBlock(nn.Module):
+    """A decoder layer (or a span of layers) replaced by h -> h A + b.
+
+    It accepts whatever the model passes a decoder layer and returns a tensor, as transformers 5.x
+    layers do. It also keeps its own KV-cache slot in step (see `_advance_cache_slot`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        bias: bool = True,
+        layer_idx: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size, bias=bias, dtype=dtype, device=device)
+        self.layer_idx = layer_idx
+
+    @classmethod
+    def from_map(cls, affine: AffineMap, *, layer_idx: int, dtype, device) -> LinearBlock:
+        d_in, d_out = affine.weight.shape
+        if d_in != d_out:
+            raise InputError(f"a replacement map must be square, got {d_in}x{d_out}")
+        block = cls(
+            d_in, bias=affine.bias is not None, layer_idx=layer_idx, dtype=dtype, device=device
+        )
+        with torch.no_grad():
+            # nn.Linear stores out x in; the map is in x out.
+            block.linear.weight.copy_(affine.weight.T)
+            if affine.bias is not None:
+                block.linear.bias.copy_(affine.bias)
+        return block
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        cache = _find_cache(args, kwargs)
+        if cache is not None:
+            _advance_cache_slot(cache, self.layer_idx, hidden_states)
+        return self.linear(hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}"
+
+
+def _find_cache(args: tuple, kwargs: dict) -> Any:
+    # Models pass the cache under different names (cache, layer_past, positional for GPT-2).
+    from transformers.cache_utils import Cache
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def _advance_cache_slot(cache: Any, layer_idx: int, hidden_states: Tensor) -> None:
+    """Append a tiny placeholder for the new tokens to this position's cache slot.
+
+    The cache has one slot per decoder position, and transformers reads the sequence length and
+    mask sizes from the first full-attention (or sliding) slot. An untouched slot there would
+    report length 0 during generation; a 1x1 placeholder per token keeps every slot in step.
+    """
+    cache = getattr(cache, "self_attention_cache", cache)
+    batch, tokens = hidden_states.shape[0], hidden_states.shape[-2]
+    heads, head_dim = 1, 1
+    slots = getattr(cache, "layers", [])
+    keys = getattr(slots[layer_idx], "keys", None) if layer_idx < len(slots) else None
+    if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+        heads, head_dim = keys.shape[1], keys.shape[-1]  # pre-allocated (static) slots
+    placeholder = hidden_states.new_zeros(batch, heads, tokens, head_dim)
+    cache.update(placeholder, placeholder, layer_idx)
+
+
+# --- public operations -------------------------------------------------------------------------
+
+
+def replace_with_linear(model: nn.Module, spans: dict[Span, AffineMap]) -> nn.Module:
+    """Replace each span of original layers by one LinearBlock at the span's first position."""
+    arch = _checked_architecture(model)
+    layout = current_layout(model)
+    positions = _span_positions(layout, spans)
+    layers = decoder_layers(model)
+    replacements: dict[int, nn.Module] = {}
+    for span, affine in spans.items():
+        first, *rest = positions[span]
+        _check_map_size(affine, hidden_size(model), span)
+        replacements[first] = _linear_block_like(layers[first], affine, layer_idx=first)
+    removed = {pos for span in spans for pos in positions[span][1:]}
+    new_origins = {positions[span][0]: list(span) for span in spans}
+    _rebuild(model, arch, layout, removed, replacements, new_origins)
+    logger.info("replaced %d span(s) by linear blocks: %s", len(spans), sorted(spans))
+    return model
+
+
+def fold_and_remove(model: nn.Module, folds: dict[Span, OutputFold]) -> nn.Module:
+    """Fold each span's map into the output projection(s) of the block before it; drop the span.
+
+    For a Linear projection (weight out x in) the new weight is Tᵀ W, for GPT-2's Conv1D
+    (in x out) it is W T; the new bias is b T + c. A projection without a bias accepts only a map
+    without bias (or an all-zero one), since adding a bias parameter would change the checkpoint's
+    architecture: fit such maps without an intercept, or use the linear format.
+    """
+    arch = _checked_architecture(model)
+    blocker = arch.fold_blocker(model.config)
+    if blocker:
+        raise FoldError(f"cannot fold into this model: {blocker}; use --format linear instead")
+    layout = current_layout(model)
+    positions = _span_positions(layout, folds)
+    layers = decoder_layers(model)
+    targets = {span: _fold_target(layout, span, folds) for span in folds}
+    for span, fold in folds.items():
+        _check_fold(arch, model, layers[targets[span]], span, fold)
+    for span, fold in folds.items():
+        _fold_into_block(arch, layers[targets[span]], fold)
+        layout["folds"].append({"into": span[0] - 1, "span": list(span), "attn": bool(fold.attn)})
+    removed = {pos for span in folds for pos in positions[span]}
+    _rebuild(model, arch, layout, removed, {}, {})
+    logger.info("folded and removed %d span(s): %s", len(folds), sorted(folds))
+    return model
+
+
+def remove_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
+    """Drop the given original layers outright (baselines such as ShortGPT)."""
+    arch = _checked_architecture(model)
+    layout = current_layout(model)
+    indices = sorted(set(indices))
+    positions = _span_positions(layout, {(i, i): None for i in indices})
+    removed = {positions[(i, i)][0] for i in indices}
+    layout["removed"] = sorted({*layout["removed"], *indices})
+    _rebuild(model, arch, layout, removed, {}, {})
+    logger.info("removed layers %s", indices)
+    return model
+
+
+def current_layout(model: nn.Module) -> dict:
+    """A copy of the recorded layout, or the identity layout of an untouched model."""
+    recorded = getattr(model.config, "linearize", None)
+    if recorded:
+        return copy.deepcopy(recorded)
+    count = num_layers(model)
+    return {
+        "version": LAYOUT_VERSION,
+        "original_num_layers": count,
+        "origins": [[i, i] for i in range(count)],
+        "linear_blocks": [],
+        "folds": [],
+        "removed": [],
+    }
+
+
+def install_linear_blocks(model: nn.Module, linear_blocks: list[dict]) -> nn.Module:
+    """Put empty LinearBlocks at recorded positions of a model built from a saved config.
+
+    Used by checkpoint loading: the config already has the compressed layer count, so this only
+    swaps modules; the weights come from the state dict afterwards.
+    """
+    layers = decoder_layers(model)
+    for entry in linear_blocks:
+        position = entry["position"]
+        old = layers[position]
+        block = LinearBlock(
+            hidden_size(model),
+            bias=bool(entry["bias"]),
+            layer_idx=position,
+            dtype=_dtype_of(old, model),
+            device=_device_of(old, model),
+        )
+        _carry_layer_attributes(old, block)
+        layers[position] = block
+    return model
+
+
+# --- spans and positions -----------------------------------------------------------------------
+
+
+def _checked_architecture(model: nn.Module) -> Architecture:
+    arch = get_architecture(model)
+    if getattr(model.config, "is_heterogeneous", False):
+        raise UnsupportedArchitectureError(
+            "models with per-layer config overrides (per_layer_config) are not supported"
+        )
+    return arch
+
+
+def _span_positions(layout: dict, spans: Iterable[Span]) -> dict[Span, list[int]]:
+    """Current positions of each span's original layers; every layer must still be itself."""
+    linear = {entry["position"] for entry in layout["linear_blocks"]}
+    where = {
+        origin[0]: pos
+        for pos, origin in enumerate(layout["origins"])
+        if origin[0] == origin[1] and pos not in linear
+    }
+    original_count = layout["original_num_layers"]
+    taken: set[int] = set()
+    result = {}
+    for span in spans:
+        start, end = _validated_span(span, original_count)
+        for index in range(start, end + 1):
+            if index in taken:
+                raise InputError(f"span {span} overlaps another span")
+            if index not in where:
+                raise InputError(f"layer {index} of span {span} was already removed or replaced")
+            taken.add(index)
+        result[span] = [where[index] for index in range(start, end + 1)]
+    return result
+
+
+def _validated_span(span: Any, original_count: int) -> Span:
+    try:
+        start, end = (int(v) for v in span)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"a span must be a (start, end) pair of layer indices, got {span!r}"
+        ) from None
+    if not 0 <= start <= end < original_count:
+        raise InputError(
+            f"span {span} is not a valid inclusive range of layers 0..{original_count - 1}"
+        )
+    return start, end
+
+
+def _fold_target(layout: dict, span: Span, folds: dict[Span, OutputFold]) -> int:
+    start, end = span
+    if start == 0:
+        raise FoldError(f"span {span} starts at layer 0: there is no block before it to fold into")
+    before = start - 1
+    if any(s <= before <= e for s, e in folds):
+        raise FoldError(f"span {span}: layer {before}, the fold target, is removed by another span")
+    try:
+        return _span_positions(layout, [(before, before)])[(before, before)][0]
+    except InputError:
+        raise FoldError(
+            f"span {span}: layer {before}, the fold target, is no longer a plain layer"
+        ) from None
+
+
+def _check_map_size(affine: AffineMap, d: int, span: Span) -> None:
+    if tuple(affine.weight.shape) != (d, d):
+        raise InputError(
+            f"map for span {span} has shape {tuple(affine.weight.shape)}, expected ({d}, {d})"
+        )
+
+
+# --- folding -----------------------------------------------------------------------------------
+
+
+def _check_fold(arch: Architecture, model: nn.Module, layer: nn.Module, span, fold) -> None:
+    d = hidden_size(model)
+    _check_map_size(fold.mlp, d, span)
+    _check_bias_fits(layer.get_submodule(arch.mlp_out), fold.mlp, f"{arch.mlp_out} ({span})")
+    if fold.attn is None:
+        return
+    if not arch.is_parallel_residual(model.config):
+        raise FoldError(
+            f"span {span}: an attention-output fold is exact only for parallel-residual models; "
+            f"in {arch.name} the attention output also feeds the MLP"
+        )
+    _check_map_size(fold.attn, d, span)
+    _check_bias_fits(layer.get_submodule(arch.attn_out), fold.attn, f"{arch.attn_out} ({span})")
+
+
+def _check_bias_fits(projection: nn.Module, affine: AffineMap, where: str) -> None:
+    if getattr(projection, "bias", None) is not None or affine.bias is None:
+        return
+    if torch.count_nonzero(affine.bias) > 0:
+        raise FoldError(
+            f"{where} has no bias, but the map has a non-zero bias: fit the map without an "
+            "intercept, or use --format linear"
+        )
+
+
+def _fold_into_block(arch: Architecture, layer: nn.Module, fold: OutputFold) -> None:
+    fold_into_projection(layer.get_submodule(arch.mlp_out), fold.mlp, arch.weight_layout)
+    if fold.attn is not None:
+        fold_into_projection(layer.get_submodule(arch.attn_out), fold.attn, arch.weight_layout)
+
+
+@torch.no_grad()
+def fold_into_projection(projection: nn.Module, affine: AffineMap, weight_layout: str) -> None:
+    """Make `projection(h)` return `affine.apply(projection(h))`, exactly up to rounding."""
+    weight = projection.weight
+    t = affine.weight.to(device=weight.device, dtype=torch.float64)  # (d, d)
+    w = weight.to(torch.float64)  # out x in (Linear) or in x out (Conv1D)
+    new_weight = t.T @ w if weight_layout == "out_in" else w @ t
+    weight.copy_(new_weight.to(weight.dtype))
+    if projection.bias is not None:
+        new_bias = projection.bias.to(torch.float64) @ t
+        if affine.bias is not None:
+            new_bias = new_bias + affine.bias.to(new_bias)
+        projection.bias.copy_(new_bias.to(projection.bias.dtype))
+
+
+# --- rebuilding the layers list and the config -------------------------------------------------
+
+
+def _rebuild(
+    model: nn.Module,
+    arch: Architecture,
+    layout: dict,
+    removed: set[int],
+    replacements: dict[int, nn.Module],
+    new_origins: dict[int, list[int]],
+) -> None:
+    old_layers = decoder_layers(model)
+    kept = [pos for pos in range(len(old_layers)) if pos not in removed]
+    if not kept:
+        raise InputError("surgery would remove every decoder layer")
+    new_layers = [replacements.get(pos, old_layers[pos]) for pos in kept]
+    _set_layers(model, arch, nn.ModuleList(new_layers))
+    _trim_config(model.config, arch, kept)
+    _renumber_layer_indices(new_layers)
+    layout["origins"] = [new_origins.get(pos, layout["origins"][pos]) for pos in kept]
+    layout["linear_blocks"] = [
+        {"position": pos, "span": layout["origins"][pos], "bias": layer.linear.bias is not None}
+        for pos, layer in enumerate(new_layers)
+        if isinstance(layer, LinearBlock)
+    ]
+    model.config.linearize = layout
+
+
+def _set_layers(model: nn.Module, arch: Architecture, layers: nn.ModuleList) -> None:
+    parent_path, _, name = arch.layers_path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, layers)
+
+
+def _trim_config(config: Any, arch: Architecture, kept: list[int]) -> None:
+    old_count = int(getattr(config, arch.num_layers_key))
+    for key in arch.per_layer_config_keys:
+        values = getattr(config, key, None)
+        if values is None:
+            continue
+        if len(values) != old_count:
+            raise UnsupportedArchitectureError(
+                f"config.{key} has {len(values)} entries for {old_count} layers"
+            )
+        setattr(config, key, [values[pos] for pos in kept])
+    setattr(config, arch.num_layers_key, len(kept))
+
+
+def _renumber_layer_indices(layers: list[nn.Module]) -> None:
+    # layer_idx picks the KV-cache slot; it must equal the layer's position after surgery.
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+
+
+def _linear_block_like(old: nn.Module, affine: AffineMap, *, layer_idx: int) -> LinearBlock:
+    block = LinearBlock.from_map(
+        affine, layer_idx=layer_idx, dtype=_dtype_of(old), device=_device_of(old)
+    )
+    _carry_layer_attributes(old, block)
+    return block
+
+
+def _carry_layer_attributes(old: nn.Module, new: nn.Module) -> None:
+    for name in _LAYER_ATTRIBUTES:
+        if hasattr(old, name) and not isinstance(getattr(old, name), nn.Module):
+            setattr(new, name, getattr(old, name))
+
+
+def _first_parameter(*modules: nn.Module) -> Tensor | None:
+    for module in modules:
+        for param in module.parameters():
+            if param.is_floating_point():
+                return param
+    return None
+
+
+def _dtype_of(*modules: nn.Module) -> torch.dtype:
+    param = _first_parameter(*modules)
+    return param.dtype if param is not None else torch.get_default_dtype()
+
+
+def _device_of(*modules: nn.Module) -> torch.device:
+    param = _first_parameter(*modules)
+    return param.device if param is not None else torch.device("cpu")

@@ -1,0 +1,223 @@
+"""Checkpoints reload into the same model, never leave half-written output, and refuse overwrites."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from tiny_models import ARCHITECTURES as TINY_ARCHITECTURES
+from tiny_models import build_tiny_model, build_tiny_tokenizer, save_tiny_model
+
+import linearize
+from linearize.architectures import decoder_layers, get_architecture
+from linearize.checkpoint import (
+    MANIFEST_NAME,
+    load,
+    read_manifest,
+    render_model_card,
+    save_checkpoint,
+    stage_checkpoint,
+)
+from linearize.errors import InputError, ModelSourceError, OutputExistsError
+from linearize.surgery import (
+    AffineMap,
+    LinearBlock,
+    OutputFold,
+    fold_and_remove,
+    replace_with_linear,
+)
+
+D = 32
+SPEC = {"model": "tiny", "layers": [2, 3]}
+FOLDABLE = [a for a in TINY_ARCHITECTURES if not a.startswith("gemma")]
+
+
+def _map(seed: int, *, bias: bool) -> AffineMap:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.eye(D) + 0.2 * torch.randn(D, D, generator=gen)
+    return AffineMap(weight, 0.1 * torch.randn(D, generator=gen) if bias else None)
+
+
+def _folded_model(arch_name: str):
+    model = build_tiny_model(arch_name)
+    arch = get_architecture(model)
+    bias = decoder_layers(model)[0].get_submodule(arch.mlp_out).bias is not None
+    return fold_and_remove(model, {(2, 3): OutputFold(_map(0, bias=bias))})
+
+
+def _linear_model(arch_name: str):
+    return replace_with_linear(
+        build_tiny_model(arch_name), {(0, 1): _map(0, bias=True), (3, 4): _map(1, bias=False)}
+    )
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    return model(ids).logits
+
+
+def _leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("arch_name", FOLDABLE)
+def test_standard_checkpoint_reloads_with_plain_from_pretrained(arch_name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _folded_model(arch_name)
+    out = save_checkpoint(model, build_tiny_tokenizer(), tmp_path / "out", resolved_spec=SPEC)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(_logits(reloaded), _logits(model))
+    assert read_manifest(out)["format"] == "standard"
+    assert reloaded.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+def test_linear_checkpoint_reloads_with_linearize_load(arch_name, tmp_path):
+    model = _linear_model(arch_name)
+    out = save_checkpoint(model, build_tiny_tokenizer(), tmp_path / "out", resolved_spec=SPEC)
+    reloaded = linearize.load(out)
+    assert torch.equal(_logits(reloaded), _logits(model))
+    layers = decoder_layers(reloaded)
+    assert [isinstance(layer, LinearBlock) for layer in layers] == [True, False, True, False]
+    assert layers[0].linear.bias is not None
+    assert layers[2].linear.bias is None
+
+
+def test_linear_checkpoint_refuses_plain_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = save_checkpoint(_linear_model("llama"), None, tmp_path / "out", resolved_spec=SPEC)
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_linear_checkpoint_sharded_round_trip_with_dtype(tmp_path):
+    model = _linear_model("gpt2")
+    out = save_checkpoint(model, None, tmp_path / "out", resolved_spec=SPEC, shard_size="20KB")
+    assert (out / "linearize.safetensors.index.json").is_file()
+    assert not list(out.glob("model*"))
+    assert len(list(out.glob("linearize-*.safetensors"))) > 1
+    assert torch.equal(_logits(load(out)), _logits(model))
+    assert load(out, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_manifest_records_format_layout_and_spec(tmp_path):
+    model = _linear_model("qwen3")
+    out = save_checkpoint(model, None, tmp_path / "out", resolved_spec=SPEC)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["format"] == "linear"
+    assert manifest["resolved_spec"] == SPEC
+    assert manifest["layout"]["linear_blocks"] == model.config.linearize["linear_blocks"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["linearize"]["origins"] == [[0, 1], [2, 2], [3, 4], [5, 5]]
+    assert config["num_hidden_layers"] == len(config["layer_types"]) == 4
+
+
+def test_tokenizer_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    out = save_checkpoint(_folded_model("llama"), tokenizer, tmp_path / "out", resolved_spec=SPEC)
+    text = "Linear maps, héllo ✓"
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == tokenizer(text).input_ids
+
+
+def test_save_checkpoint_drops_quantization_config(tmp_path):
+    # A GGUF-loaded model carries a quantization_config that save_pretrained refuses.
+    model = _linear_model("llama")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    out = save_checkpoint(model, None, tmp_path / "out", resolved_spec=SPEC)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert torch.equal(_logits(load(out)), _logits(model))
+
+
+# --- publishing --------------------------------------------------------------------------------
+
+
+def test_save_checkpoint_refuses_non_empty_output_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--force"):
+        save_checkpoint(_folded_model("llama"), None, out, resolved_spec=SPEC)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_save_checkpoint_force_replaces_existing_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    save_checkpoint(_folded_model("llama"), None, out, resolved_spec=SPEC, force=True)
+    assert not (out / "old.txt").exists()
+    assert (out / MANIFEST_NAME).is_file()
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_save_checkpoint_accepts_existing_empty_directory(tmp_path):
+    (tmp_path / "out").mkdir()
+    save_checkpoint(_folded_model("llama"), None, tmp_path / "out", resolved_spec=SPEC)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_crash_mid_save_leaves_no_target_and_no_staging(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    tokenizer.save_pretrained = crash
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(_folded_model("llama"), tokenizer, tmp_path / "out", resolved_spec=SPEC)
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_crash_before_publish_keeps_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with (
+        pytest.raises(RuntimeError, match="verification"),
+        stage_checkpoint(_folded_model("llama"), None, out, resolved_spec=SPEC, force=True),
+    ):
+        raise RuntimeError("verification failed")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_staged_checkpoint_verifies_then_publishes_report_and_card(tmp_path):
+    model = _linear_model("gemma2")
+    card = render_model_card("# Tiny\n\nLayers 0-1 and 3-4 are linear.", base_model="tiny/base")
+    with stage_checkpoint(model, None, tmp_path / "out", resolved_spec=SPEC) as staged:
+        assert not (tmp_path / "out").exists()
+        assert torch.equal(_logits(load(staged.path)), _logits(model))
+        out = staged.publish({"report.json": json.dumps({"ppl": 1.0}), "README.md": card})
+    assert json.loads((out / "report.json").read_text()) == {"ppl": 1.0}
+    readme = (out / "README.md").read_text()
+    front = yaml.safe_load(readme.split("---")[1])
+    assert front == {"base_model": "tiny/base", "tags": ["linearize", "pruned"]}
+    assert readme.rstrip().endswith("Layers 0-1 and 3-4 are linear.")
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_staged_checkpoint_refuses_nested_extra_file_names(tmp_path):
+    staged = stage_checkpoint(_folded_model("llama"), None, tmp_path / "out", resolved_spec=SPEC)
+    with staged, pytest.raises(InputError, match="plain file name"):
+        staged.publish({"../escape.txt": "x"})
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_load_falls_back_to_from_pretrained_for_foreign_checkpoints(tmp_path):
+    directory = save_tiny_model("qwen2", tmp_path / "plain")
+    assert torch.equal(_logits(load(directory)), _logits(build_tiny_model("qwen2")))
+
+
+def test_load_refuses_linear_checkpoint_with_missing_weights(tmp_path):
+    out = save_checkpoint(_linear_model("llama"), None, tmp_path / "out", resolved_spec=SPEC)
+    for file in out.glob("linearize*.safetensors"):
+        file.unlink()
+    with pytest.raises(ModelSourceError, match="no linearize"):
+        load(out)
