@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from api_schemas.jobs import TASK_RUN_JOB, TASK_SEND_WEBHOOK
 from service.db import utcnow
@@ -60,7 +60,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.job_queue,
-        task_queues=(Queue(settings.job_queue), Queue(settings.webhook_queue)),
+        # Each queue with its own direct exchange and key: Celery would otherwise bind every
+        # declared queue to the default exchange and key, and webhooks would land on the GPUs.
+        task_queues=tuple(
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (settings.job_queue, settings.webhook_queue)
+        ),
         task_routes={
             TASK_RUN_JOB: {"queue": settings.job_queue},
             TASK_SEND_WEBHOOK: {"queue": settings.webhook_queue},
