@@ -1,19 +1,20 @@
 """Model surgery: replace decoder layers by linear maps, or fold maps into a neighbour and drop layers.
 
-Spans are `(start, end)` pairs of ORIGINAL layer indices, both inclusive. Every operation works in
-place, keeps the config consistent with the layers list (layer count, per-layer lists such as
+Spans are `(start, end)` pairs of layer positions, both inclusive, in the model as it is when
+the call is made (the indices capture, fitting and selection see); several spans in one call all
+refer to that same numbering. Every operation works in place, keeps the config consistent with the layers list (layer count, per-layer lists such as
 `layer_types`), renumbers the attention `layer_idx` that indexes the KV cache, and records the
 layout in `model.config.linearize` (a plain JSON dict, saved with config.json):
 
     {"version": 1,
      "original_num_layers": 30,
-     "origins": [[0, 0], ..., [12, 15], [16, 16], ...],  # original span behind each position
+     "origins": [[0, 0], ..., [12, 15], [16, 16], ...],  # base-model layers behind each position
      "linear_blocks": [{"position": 12, "span": [12, 15], "bias": true}],
      "folds": [{"into": 11, "span": [12, 15], "attn": false}],
      "removed": [20, 21]}
 
-Because surgery looks spans up through `origins`, several calls compose: indices always refer to
-the original model.
+`position` is the current index; every other number is a layer index of the base model, so the
+record stays meaningful after several surgeries (also across a save and a reload).
 """
 
 from __future__ import annotations
@@ -158,18 +159,18 @@ def _advance_cache_slot(cache: Any, layer_idx: int, hidden_states: Tensor) -> No
 
 
 def replace_with_linear(model: nn.Module, spans: dict[Span, AffineMap]) -> nn.Module:
-    """Replace each span of original layers by one LinearBlock at the span's first position."""
+    """Replace each span of layers by one LinearBlock at the span's first position."""
     arch = _checked_architecture(model)
     layout = current_layout(model)
-    positions = _span_positions(layout, spans)
     layers = decoder_layers(model)
+    _check_spans(spans, len(layers))
     replacements: dict[int, nn.Module] = {}
-    for span, affine in spans.items():
-        first, *rest = positions[span]
-        _check_map_size(affine, hidden_size(model), span)
-        replacements[first] = _linear_block_like(layers[first], affine, layer_idx=first)
-    removed = {pos for span in spans for pos in positions[span][1:]}
-    new_origins = {positions[span][0]: list(span) for span in spans}
+    new_origins: dict[int, list[int]] = {}
+    for (start, end), affine in spans.items():
+        _check_map_size(affine, hidden_size(model), (start, end))
+        replacements[start] = _linear_block_like(layers[start], affine, layer_idx=start)
+        new_origins[start] = [layout["origins"][start][0], layout["origins"][end][1]]
+    removed = {pos for start, end in spans for pos in range(start + 1, end + 1)}
     _rebuild(model, arch, layout, removed, replacements, new_origins)
     logger.info("replaced %d span(s) by linear blocks: %s", len(spans), sorted(spans))
     return model
@@ -184,34 +185,53 @@ def fold_and_remove(model: nn.Module, folds: dict[Span, OutputFold]) -> nn.Modul
     architecture: fit such maps without an intercept, or use the linear format.
     """
     arch = _checked_architecture(model)
-    blocker = arch.fold_blocker(model.config)
-    if blocker:
-        raise FoldError(f"cannot fold into this model: {blocker}; use --format linear instead")
+    check_foldable(model, folds)
     layout = current_layout(model)
-    positions = _span_positions(layout, folds)
     layers = decoder_layers(model)
-    targets = {span: _fold_target(layout, span, folds) for span in folds}
     for span, fold in folds.items():
-        _check_fold(arch, model, layers[targets[span]], span, fold)
-    for span, fold in folds.items():
-        _fold_into_block(arch, layers[targets[span]], fold)
-        layout["folds"].append({"into": span[0] - 1, "span": list(span), "attn": bool(fold.attn)})
-    removed = {pos for span in folds for pos in positions[span]}
+        _check_fold(arch, model, layers[span[0] - 1], span, fold)
+    for (start, end), fold in folds.items():
+        _fold_into_block(arch, layers[start - 1], fold)
+        layout["folds"].append(
+            {
+                "into": layout["origins"][start - 1][0],
+                "span": [layout["origins"][start][0], layout["origins"][end][1]],
+                "attn": fold.attn is not None,
+            }
+        )
+    removed = {pos for start, end in folds for pos in range(start, end + 1)}
     _rebuild(model, arch, layout, removed, {}, {})
     logger.info("folded and removed %d span(s): %s", len(folds), sorted(folds))
     return model
 
 
+def check_foldable(model: nn.Module, spans: Iterable[Span]) -> None:
+    """Raise FoldError now if these spans cannot be folded (call before the costly fit)."""
+    arch = _checked_architecture(model)
+    blocker = arch.fold_blocker(model.config)
+    if blocker:
+        raise FoldError(f"cannot fold into this model: {blocker}; use --format linear instead")
+    spans = list(spans)
+    layers = decoder_layers(model)
+    _check_spans(spans, len(layers))
+    for span in spans:
+        _check_fold_target(layers, span, spans)
+
+
 def remove_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
-    """Drop the given original layers outright (baselines such as ShortGPT)."""
+    """Drop the layers at the given positions outright (baselines such as ShortGPT)."""
     arch = _checked_architecture(model)
     layout = current_layout(model)
-    indices = sorted(set(indices))
-    positions = _span_positions(layout, {(i, i): None for i in indices})
-    removed = {positions[(i, i)][0] for i in indices}
-    layout["removed"] = sorted({*layout["removed"], *indices})
+    removed = set(indices)
+    _check_spans([(i, i) for i in removed], len(decoder_layers(model)))
+    base_indices = {
+        i
+        for pos in removed
+        for i in range(layout["origins"][pos][0], layout["origins"][pos][1] + 1)
+    }
+    layout["removed"] = sorted({*layout["removed"], *base_indices})
     _rebuild(model, arch, layout, removed, {}, {})
-    logger.info("removed layers %s", indices)
+    logger.info("removed layers %s", sorted(removed))
     return model
 
 
@@ -265,56 +285,38 @@ def _checked_architecture(model: nn.Module) -> Architecture:
     return arch
 
 
-def _span_positions(layout: dict, spans: Iterable[Span]) -> dict[Span, list[int]]:
-    """Current positions of each span's original layers; every layer must still be itself."""
-    linear = {entry["position"] for entry in layout["linear_blocks"]}
-    where = {
-        origin[0]: pos
-        for pos, origin in enumerate(layout["origins"])
-        if origin[0] == origin[1] and pos not in linear
-    }
-    original_count = layout["original_num_layers"]
+def _check_spans(spans: Iterable[Any], count: int) -> None:
+    """Each span is an in-range (start, end) pair of positions; no two spans overlap."""
     taken: set[int] = set()
-    result = {}
     for span in spans:
-        start, end = _validated_span(span, original_count)
-        for index in range(start, end + 1):
-            if index in taken:
-                raise InputError(f"span {span} overlaps another span")
-            if index not in where:
-                raise InputError(f"layer {index} of span {span} was already removed or replaced")
-            taken.add(index)
-        result[span] = [where[index] for index in range(start, end + 1)]
-    return result
+        start, end = _validated_span(span, count)
+        covered = set(range(start, end + 1))
+        if covered & taken:
+            raise InputError(f"span {span} overlaps another span")
+        taken |= covered
 
 
-def _validated_span(span: Any, original_count: int) -> Span:
+def _validated_span(span: Any, count: int) -> Span:
     try:
         start, end = (int(v) for v in span)
     except (TypeError, ValueError):
         raise InputError(
             f"a span must be a (start, end) pair of layer indices, got {span!r}"
         ) from None
-    if not 0 <= start <= end < original_count:
-        raise InputError(
-            f"span {span} is not a valid inclusive range of layers 0..{original_count - 1}"
-        )
+    if not 0 <= start <= end < count:
+        raise InputError(f"span {span} is not a valid inclusive range of layers 0..{count - 1}")
     return start, end
 
 
-def _fold_target(layout: dict, span: Span, folds: dict[Span, OutputFold]) -> int:
-    start, end = span
+def _check_fold_target(layers: nn.ModuleList, span: Span, spans: list[Span]) -> None:
+    start, _ = span
     if start == 0:
         raise FoldError(f"span {span} starts at layer 0: there is no block before it to fold into")
     before = start - 1
-    if any(s <= before <= e for s, e in folds):
+    if any(s <= before <= e for s, e in spans):
         raise FoldError(f"span {span}: layer {before}, the fold target, is removed by another span")
-    try:
-        return _span_positions(layout, [(before, before)])[(before, before)][0]
-    except InputError:
-        raise FoldError(
-            f"span {span}: layer {before}, the fold target, is no longer a plain layer"
-        ) from None
+    if isinstance(layers[before], LinearBlock):
+        raise FoldError(f"span {span}: layer {before}, the fold target, is a linear block")
 
 
 def _check_map_size(affine: AffineMap, d: int, span: Span) -> None:

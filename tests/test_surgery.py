@@ -209,11 +209,11 @@ def test_replace_with_linear_matches_hand_computed_reference(arch_name):
     torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-10, rtol=0)
 
 
-def test_replace_with_linear_records_layout_and_composes_in_original_indices():
+def test_surgery_takes_current_positions_and_records_base_model_indices():
     model = build_tiny_model("qwen2")
     replace_with_linear(model, {(1, 2): _random_map(0, bias=True, dtype=torch.float32)})
-    remove_layers(model, [4])
-    replace_with_linear(model, {(5, 5): _random_map(1, bias=False, dtype=torch.float32)})
+    remove_layers(model, [3])  # base layer 4, now at position 3
+    replace_with_linear(model, {(3, 3): _random_map(1, bias=False, dtype=torch.float32)})
     layout = model.config.linearize
     assert layout["origins"] == [[0, 0], [1, 2], [3, 3], [5, 5]]
     assert layout["linear_blocks"] == [
@@ -221,8 +221,11 @@ def test_replace_with_linear_records_layout_and_composes_in_original_indices():
         {"position": 3, "span": [5, 5], "bias": False},
     ]
     assert layout["removed"] == [4]
-    with pytest.raises(InputError, match="already removed or replaced"):
-        remove_layers(model, [2])
+    with pytest.raises(FoldError, match="is a linear block"):
+        fold_and_remove(model, {(2, 2): OutputFold(_random_map(2, bias=False))})
+    fold_and_remove(model, {(3, 3): OutputFold(_random_map(2, bias=False))})
+    assert model.config.linearize["folds"] == [{"into": 3, "span": [5, 5], "attn": False}]
+    assert model.config.linearize["origins"] == [[0, 0], [1, 2], [3, 3]]
 
 
 def test_linear_block_keeps_dtype_of_replaced_layer():
@@ -242,7 +245,7 @@ def test_surgery_trims_config_layer_count_and_layer_types(arch_name):
     arch = get_architecture(model)
     types_before = list(getattr(model.config, "layer_types", None) or [])
     replace_with_linear(model, {(1, 2): _random_map(0, bias=True, dtype=torch.float32)})
-    remove_layers(model, [4])
+    remove_layers(model, [3])  # base layer 4
     assert getattr(model.config, arch.num_layers_key) == len(decoder_layers(model)) == 4
     if types_before:
         assert model.config.layer_types == [types_before[i] for i in (0, 1, 3, 5)]
@@ -296,3 +299,13 @@ def test_generate_with_cache_after_fold_and_remove(arch_name):
     bias = _has_bias(model)
     fold_and_remove(model, {(2, 3): OutputFold(_random_map(0, bias=bias, dtype=torch.float32))})
     _assert_cached_generation_matches_uncached(model)
+
+
+def test_check_foldable_refuses_before_fitting():
+    from linearize.surgery import check_foldable
+
+    check_foldable(build_tiny_model("llama"), [(2, 3)])
+    with pytest.raises(FoldError, match="--format linear"):
+        check_foldable(build_tiny_model("gemma2"), [(2, 3)])
+    with pytest.raises(FoldError, match="layer 0"):
+        check_foldable(build_tiny_model("llama"), [(0, 1)])
