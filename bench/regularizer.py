@@ -177,11 +177,6 @@ def main() -> None:
     # Probe windows for the profile: held-out text, disjoint from the eval-loss windows.
     probe = byte_windows(eval_text, args.eval_windows + args.probe_windows, args.seq_len)
     probe = probe[args.eval_windows :]
-    runs = []
-    for seed in args.seeds:
-        batches = training_batches(calib_text, args.steps, args.batch, args.seq_len, seed)
-        for weight in args.weights:
-            runs.append(run_one(args, weight, seed, batches, probe, evaluation))
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
         "data": f"{path} (train: first half by characters; eval/probe: second half), bytes",
@@ -189,10 +184,15 @@ def main() -> None:
         "regularizer": "R = weight * mean_{layers,tokens} cos(h_l, h_{l+1}); weight>0 pushes apart",
         "probe_tokens": probe.numel(),
         "eval_tokens": evaluation.numel(),
-        "runs": runs,
+        "runs": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    runs = result["runs"]
+    for seed in args.seeds:
+        batches = training_batches(calib_text, args.steps, args.batch, args.seq_len, seed)
+        for weight in args.weights:
+            runs.append(run_one(args, weight, seed, batches, probe, evaluation))
+            args.out.write_text(json.dumps(result, indent=2))  # after each run: partial results
     print(table(runs))
     print(f"wrote {args.out}")
 
