@@ -10,7 +10,10 @@ class ProgressEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    stage: str = Field(..., description="load | data | baseline | analyze | select | fit | heal | surgery | evaluate | save | verify")
+    stage: str = Field(
+        ...,
+        description="load | data | baseline | analyze | select | fit | heal | surgery | evaluate | save | verify",
+    )
     current: int = 0
     total: int = 0
     message: str = ""

@@ -47,7 +47,9 @@ class _JobBase(_Frozen):
         description="Hub id, local directory (safetensors), .gguf file, or the alias smollm2-135m.",
     )
     data: DataSpec
-    calib_tokens: int = Field(16384, ge=1, description="Calibration tokens (first half of the text).")
+    calib_tokens: int = Field(
+        16384, ge=1, description="Calibration tokens (first half of the text)."
+    )
     seq_len: int = Field(512, ge=8, le=32768, description="Tokens per window.")
     validation_fraction: float = Field(
         0.25,

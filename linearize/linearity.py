@@ -58,7 +58,8 @@ def intrinsic_dimension_twonn(points: torch.Tensor, discard_fraction: float = 0.
     The largest `discard_fraction` of mu values are dropped (their CDF tail is noisy), and the
     line is fitted through the origin by least squares on the rest.
     """
-    x = points.double()
+    # Identical points (e.g. the same token at layer 0) have no defined neighbour ratio.
+    x = torch.unique(points.double(), dim=0)
     dist = torch.cdist(x, x)
     dist.fill_diagonal_(float("inf"))
     r = dist.topk(2, dim=1, largest=False).values  # (n, 2): r1, r2

@@ -296,10 +296,12 @@ class _Job:
     def replace(self, model, windows, indices: list[int]) -> None:
         from linearize.fitting import collect_span_stats, fit_spans
         from linearize.selection import contiguous_spans
-        from linearize.surgery import fold_and_remove, replace_with_linear
+        from linearize.surgery import check_foldable, fold_and_remove, replace_with_linear
 
         spans = contiguous_spans(indices)
         fmt = self.spec.format
+        if fmt == "standard":
+            check_foldable(model, spans)  # refuse before the costly fit pass
         with self.timed("fit"), self.progress.stage("fit", total=len(windows.fit)) as st:
             stats = collect_span_stats(model, spans, windows.fit, fmt=fmt, on_batch=st.advance)
             maps = fit_spans(model, stats, fmt=fmt)

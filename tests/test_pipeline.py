@@ -1,0 +1,158 @@
+"""The pipeline end to end on tiny random models: reports, checkpoints from disk, gates, errors."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from api_schemas import AnalyzeSpec, CompressSpec, DataSpec
+from linearize import pipeline
+from linearize.data import find_wikitext
+from linearize.errors import BudgetError, Cancelled, OutputExistsError
+
+SMALL = dict(calib_tokens=2048, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    # A wider init than HF's default makes the blocks matter, so removing them costs perplexity.
+    return save_tiny_model(
+        "llama", tmp_path_factory.mktemp("models") / "llama", initializer_range=0.3
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DataSpec(path=str(find_wikitext()))
+
+
+def compress_spec(model, data, **kw):
+    return CompressSpec(model=str(model), data=data, eval_tokens=1024, **{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("fmt", ["standard", "linear"])
+def test_compress_writes_a_checkpoint_that_reloads_to_the_same_perplexity(
+    tiny_llama, data, tmp_path, fmt
+):
+    out = tmp_path / "out"
+    report = pipeline.run(compress_spec(tiny_llama, data, layers=2, format=fmt), output_dir=out)
+    ppl = report.perplexity
+    assert ppl.reloaded == pytest.approx(ppl.compressed, rel=1e-5)
+    assert ppl.increase_pct == pytest.approx(100 * (ppl.compressed / ppl.baseline - 1))
+    assert len(report.replaced_layers) == 2
+    assert 0 not in report.replaced_layers and 5 not in report.replaced_layers
+    assert len(report.linearity) == 6
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["schema_version"] == "1.0" and saved["format"] == fmt
+    for name in ("README.md", "report.md", "linearize.json", "linearity_profile.png"):
+        assert (out / name).is_file(), name
+    if fmt == "standard":
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model.config.num_hidden_layers == 4
+        assert report.model.layers_after == 4
+        assert report.model.params_after < report.model.params_before
+    else:
+        assert report.model.extra_params > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_explicit_indices_are_replaced_in_both_formats(tiny_llama, data, tmp_path):
+    report = pipeline.run(
+        compress_spec(tiny_llama, data, indices=[2, 3], format="linear"), output_dir=tmp_path / "o"
+    )
+    assert report.replaced_layers == [2, 3]
+
+
+def test_target_ppl_increase_searches_and_reports_its_trace(tiny_llama, data, tmp_path):
+    report = pipeline.run(
+        compress_spec(tiny_llama, data, target_ppl_increase=5.0), output_dir=tmp_path / "o"
+    )
+    trace = report.selection["trace"]
+    assert report.selection["mode"] == "target_ppl_increase"
+    chosen = [t for t in trace if t["indices"] == report.replaced_layers]
+    assert chosen and chosen[0]["validation_increase_pct"] <= 5.0
+    failing = [t for t in trace if not t["passed"]]
+    assert all(t["k"] > len(report.replaced_layers) for t in failing)
+
+
+def test_gate_failure_still_writes_artifacts(tiny_llama, data, tmp_path):
+    report = pipeline.run(
+        compress_spec(tiny_llama, data, layers=3, gate_ppl_increase=0.0), output_dir=tmp_path / "o"
+    )
+    assert report.perplexity.increase_pct > 0
+    assert report.gate is not None and report.gate.passed is False
+    assert (tmp_path / "o" / "report.json").is_file()
+
+
+def test_non_empty_output_is_refused_before_any_work(tiny_llama, data, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError, match="--force"):
+        pipeline.run(compress_spec(tiny_llama, data, layers=1), output_dir=out)
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_budget_above_layers_minus_two_names_the_limit(tiny_llama, data, tmp_path):
+    with pytest.raises(BudgetError, match="at most L - 2 = 4"):
+        pipeline.run(compress_spec(tiny_llama, data, layers=5), output_dir=tmp_path / "o")
+
+
+def test_cancellation_stops_the_run_and_leaves_nothing(tiny_llama, data, tmp_path):
+    def sink(event):
+        if event.stage == "save":
+            raise Cancelled("cancelled by test")
+
+    with pytest.raises(Cancelled):
+        pipeline.run(
+            compress_spec(tiny_llama, data, layers=1), output_dir=tmp_path / "o", progress=sink
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_analyze_reports_every_layer_with_its_scores(tiny_llama, data, tmp_path):
+    report = pipeline.run(
+        AnalyzeSpec(model=str(tiny_llama), data=data, **SMALL),
+        output_dir=tmp_path / "a",
+        report_path=tmp_path / "r.json",
+    )
+    assert [row.index for row in report.linearity] == list(range(6))
+    for row in report.linearity:
+        assert 0 < row.score <= 1 and 0 < row.anisotropy <= 1
+        assert row.intrinsic_dimension is not None and row.intrinsic_dimension > 0
+    assert report.data.n_over_d == pytest.approx(1536 / 32)
+    assert (tmp_path / "a" / "report.md").is_file() and (tmp_path / "r.json").is_file()
+
+
+def test_planted_outlier_tokens_are_the_listed_trigger_tokens(tiny_llama, data):
+    from linearize.analysis import analyze
+    from linearize.data import build_windows, read_text
+    from linearize.loading import load_model
+    from linearize.progress import Progress
+
+    loaded = load_model(str(tiny_llama))
+    windows = build_windows(
+        loaded.tokenizer, read_text(data.path), calib_tokens=8192, eval_tokens=None, seq_len=128
+    )
+    counts = torch.bincount(windows.validation.reshape(-1), minlength=260)
+    n = windows.validation.numel()
+    planted = int(torch.nonzero((counts >= 5) & (counts <= 0.008 * n))[0])
+    current_ids = {}
+    model = loaded.model
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda _m, args: current_ids.__setitem__("ids", args[0])
+    )
+
+    def nonlinear_on_planted(_module, _args, output):
+        mask = (current_ids["ids"] == planted).unsqueeze(-1).to(output.dtype)
+        return output + 25.0 * mask * torch.sign(output)
+
+    model.model.layers[2].register_forward_hook(nonlinear_on_planted)
+    analysis = analyze(model, windows, loaded.tokenizer, Progress())
+    layer = analysis.layers[2]
+    token = loaded.tokenizer.decode([planted])
+    assert [t["token"] for t in layer["trigger_tokens"]] == [token] * 5
+    others = [row["top1pct_residual_share"] for row in analysis.layers if row["index"] != 2]
+    assert layer["top1pct_residual_share"] > 4 * max(others)
