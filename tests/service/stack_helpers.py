@@ -176,6 +176,9 @@ def stack_env(root: Path, *, broker_url: str, database_url: str, model_root: Pat
         "LINEARIZE_WEBHOOK_RETRY_DELAYS_S": "0.3,0.6,1.2",
         "LINEARIZE_TENANT_MAX_QUEUED": "100",
         "LINEARIZE_TENANT_MAX_RUNNING": "4",
+        # One intra-op thread: torch's spinning thread pool on a shared 2-core machine turns a
+        # sub-second tiny job into tens of seconds.
+        "OMP_NUM_THREADS": "1",
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
