@@ -1,0 +1,42 @@
+"""Slow end to end on the real bundled SmolLM2-135M with the shared wikitext (minutes on 2 cores)."""
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report_and_dir(tmp_path_factory, wikitext_path):
+    from api_schemas import CompressSpec, DataSpec
+    from linearize import pipeline
+
+    out = tmp_path_factory.mktemp("bundled") / "ckpt"
+    spec = CompressSpec(model="smollm2-135m", data=DataSpec(path=str(wikitext_path)), layers=2,
+                        calib_tokens=2048, eval_tokens=2048, seq_len=512, format="standard")
+    return pipeline.run(spec, output_dir=out), out
+
+
+def test_bundled_model_report_numbers_are_sane(report_and_dir):
+    report, _ = report_and_dir
+    ppl = report.perplexity
+    assert all(math.isfinite(v) for v in (ppl.baseline, ppl.compressed, ppl.reloaded))
+    assert ppl.compressed >= ppl.baseline
+    assert ppl.reloaded == pytest.approx(ppl.compressed, rel=1e-4)
+    assert report.model.layers_before == 30 and report.model.layers_after == 28
+    assert 15 < ppl.baseline < 60  # SmolLM2-135M on wikitext: ~26 at 8k tokens
+    scores = [row.score for row in report.linearity]
+    assert len(scores) == 30 and max(scores[10:25]) > 0.99
+
+
+def test_bundled_checkpoint_loads_with_plain_transformers(report_and_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out = report_and_dir
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 28
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
