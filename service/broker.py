@@ -239,7 +239,7 @@ class Reconciler:
         self.broker = broker
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_retention = 0.0
+        self._last_retention: float | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
@@ -275,7 +275,7 @@ class Reconciler:
             if (never_sent or lost) and self.broker.publish_job(row.id):
                 self.store.mark_enqueued(row.id)
                 published += 1
-        if time.monotonic() - self._last_retention > 3600:
+        if self._last_retention is None or time.monotonic() - self._last_retention > 3600:
             self._last_retention = time.monotonic()
             self.apply_retention()
         if requeued or published:

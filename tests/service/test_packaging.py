@@ -170,3 +170,13 @@ def test_dockerfile_builds_an_api_image_without_torch_and_a_worker_image_with_it
     assert "torch==" in stages["build-worker"] and "[worker]" in stages["worker"]
     assert 'CMD ["uvicorn", "service.main:app"' in stages["api"]
     assert f'"-Q", "{Settings().job_queue}", "-c", "1"' in stages["worker"]
+
+
+def test_every_setting_is_documented_with_its_variable():
+    doc = (REPO / "docs" / "SERVICE.md").read_text()
+    missing = [
+        f"LINEARIZE_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`LINEARIZE_{name.upper()}`" not in doc
+    ]
+    assert not missing

@@ -1,0 +1,361 @@
+"""Service load benchmark: lost jobs under concurrent submits, and API latency at 50 clients.
+
+Phase 1 (throughput, 0 lost): JOBS tiny compress jobs submitted by CLIENTS concurrent clients
+against a real API + Celery worker (Redis broker), then every job followed to a terminal state.
+Phase 2 (latency): LATENCY_CLIENTS concurrent clients, each repeatedly submitting a job and
+reading its status (`POST /v1/jobs` + `GET /v1/jobs/{id}`), measured client-side. The worker is
+stopped first, as in production where GPU workers run on other machines than the API; the
+phase-2 jobs are cancelled afterwards. Two pacings: `paced` (each client waits --think-ms
+between requests, like a polling CI client) and `closed` (back to back: saturation).
+
+    .venv/bin/python bench/load.py                       # SQLite job store, local Redis
+    .venv/bin/python bench/load.py --database postgres   # PostgreSQL job store
+
+Needs Redis at --redis (default redis://127.0.0.1:6379/12) and, for --database postgres,
+PostgreSQL at --postgres. Writes bench/results/service_load_<database>.json and prints a table.
+Client, API and worker share the machine's cores: numbers are upper bounds on real latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+KEY = "bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+class Service:
+    def __init__(self, workdir: Path, database_url: str, redis_url: str, model_root: Path):
+        queue = f"bench-{uuid.uuid4().hex[:6]}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "LINEARIZE_DATA_DIR": str(workdir / "data"),
+            "LINEARIZE_DATABASE_URL": database_url,
+            "LINEARIZE_BROKER_URL": redis_url,
+            "LINEARIZE_MODEL_ROOTS": str(model_root),
+            "LINEARIZE_API_KEYS": f"bench:{KEY}",
+            "LINEARIZE_JOB_QUEUE": queue,
+            "LINEARIZE_WEBHOOK_QUEUE": f"{queue}.webhooks",
+            "LINEARIZE_TENANT_MAX_QUEUED": "100000",
+            "LINEARIZE_TENANT_MAX_RUNNING": "8",
+            "LINEARIZE_RECONCILE_INTERVAL_S": "5",
+            # A warm pool process per CPU: the bench measures the service, not torch imports.
+            "LINEARIZE_WORKER_MAX_TASKS_PER_CHILD": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self, concurrency: int) -> None:
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "service.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+        )
+        self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "-c",
+                str(concurrency),
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "WARNING",
+            ],
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("service did not become ready; see logs in " + str(self.workdir))
+
+    def stop(self, name: str | None = None) -> None:
+        for key in [name] if name else list(self.procs):
+            proc = self.procs.pop(key, None)
+            if proc is None:
+                continue
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def tiny_job(dataset_id: str) -> dict:
+    return {
+        "kind": "compress",
+        "model": "tiny-llama",
+        "layers": 2,
+        "data": {"dataset_id": dataset_id},
+        "calib_tokens": 256,
+        "eval_tokens": 256,
+        "seq_len": 64,
+    }
+
+
+def phase_throughput(url: str, dataset_id: str, jobs: int, clients: int, timeout: float) -> dict:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    per_client = [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
+
+    def client(n: int) -> list[tuple[str | None, int]]:
+        out = []
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            for _ in range(n):
+                response = http.post("/v1/jobs", json=tiny_job(dataset_id))
+                out.append(
+                    (
+                        response.json().get("id") if response.status_code == 202 else None,
+                        response.status_code,
+                    )
+                )
+        return out
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for batch in pool.map(client, per_client) for r in batch]
+    submit_s = time.monotonic() - start
+    ids = [job_id for job_id, _ in results if job_id]
+    statuses: dict[str, str] = {}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        deadline = time.monotonic() + timeout
+        pending = set(ids)
+        while pending and time.monotonic() < deadline:
+            for job_id in list(pending):
+                response = http.get(f"/v1/jobs/{job_id}")
+                if response.status_code == 200 and response.json()["status"] in TERMINAL:
+                    statuses[job_id] = response.json()["status"]
+                    pending.discard(job_id)
+            time.sleep(1)
+    total_s = time.monotonic() - start
+    return {
+        "jobs": jobs,
+        "clients": clients,
+        "accepted": len(ids),
+        "refused": sum(1 for job_id, _ in results if job_id is None),
+        "terminal": len(statuses),
+        "succeeded": sum(1 for s in statuses.values() if s == "succeeded"),
+        "lost": len(ids) - len(statuses),
+        "submit_s": round(submit_s, 2),
+        "all_terminal_s": round(total_s, 2),
+        "jobs_per_s": round(len(statuses) / total_s, 2),
+    }
+
+
+async def phase_latency(
+    url: str, dataset_id: str, clients: int, rounds: int, think_s: float
+) -> tuple[dict, list[str]]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    submit_ms: list[float] = []
+    status_ms: list[float] = []
+    errors = 0
+    created: list[str] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as http:
+
+        async def one_client(index: int) -> None:
+            nonlocal errors
+            await asyncio.sleep(think_s * index / clients)  # spread the first requests
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                response = await http.post("/v1/jobs", json=tiny_job(dataset_id))
+                submit_ms.append(1000 * (time.perf_counter() - t0))
+                if response.status_code != 202:
+                    errors += 1
+                    continue
+                job_id = response.json()["id"]
+                created.append(job_id)
+                await asyncio.sleep(think_s)
+                t0 = time.perf_counter()
+                response = await http.get(f"/v1/jobs/{job_id}")
+                status_ms.append(1000 * (time.perf_counter() - t0))
+                errors += response.status_code != 200
+                await asyncio.sleep(think_s)
+
+        start = time.monotonic()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        elapsed = time.monotonic() - start
+    requests = len(submit_ms) + len(status_ms)
+    return {
+        "clients": clients,
+        "think_ms": round(think_s * 1000),
+        "requests": requests,
+        "errors": errors,
+        "req_per_s": round(requests / elapsed, 1),
+        "submit_p50_ms": round(statistics.median(submit_ms), 1),
+        "submit_p99_ms": round(percentile(submit_ms, 99), 1),
+        "status_p50_ms": round(statistics.median(status_ms), 1),
+        "status_p99_ms": round(percentile(status_ms, 99), 1),
+    }, created
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--latency-clients", type=int, default=50)
+    parser.add_argument("--latency-rounds", type=int, default=20)
+    parser.add_argument("--think-ms", type=float, default=500.0)
+    parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import save_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="linearize-bench-") as tmp:
+        workdir = Path(tmp)
+        save_tiny_model("llama", workdir / "models" / "tiny-llama")
+        schema = None
+        if args.database == "postgres":
+            from sqlalchemy import create_engine, text
+
+            schema = f"bench_{uuid.uuid4().hex[:8]}"
+            admin = create_engine(f"{args.postgres}/linearize_test", isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f"CREATE SCHEMA {schema}"))
+            database_url = f"{args.postgres}/linearize_test?options=-csearch_path%3D{schema}"
+        else:
+            database_url = f"sqlite:///{workdir / 'jobs.sqlite'}"
+        service = Service(workdir, database_url, args.redis, workdir / "models")
+        try:
+            service.start(args.worker_concurrency)
+            text_path = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+            body = (
+                text_path.read_bytes()[:200_000]
+                if text_path.is_file()
+                else (" ".join(f"word{i % 997}" for i in range(40_000)).encode())
+            )
+            dataset_id = httpx.post(
+                f"{service.url}/v1/datasets",
+                content=body,
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"},
+            ).json()["id"]
+            throughput = phase_throughput(
+                service.url, dataset_id, args.jobs, args.clients, args.timeout
+            )
+            print(f"throughput: {throughput}", flush=True)
+            service.stop("worker")  # API latency alone, as with workers on GPU machines
+            latency = []
+            created: list[str] = []
+            for think in (args.think_ms / 1000, 0.0):
+                result, ids = asyncio.run(
+                    phase_latency(
+                        service.url, dataset_id, args.latency_clients, args.latency_rounds, think
+                    )
+                )
+                result["pacing"] = "paced" if think else "closed"
+                latency.append(result)
+                created += ids
+                print(f"latency: {result}", flush=True)
+            with httpx.Client(
+                base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
+            ) as http:
+                for job_id in created:
+                    http.post(f"/v1/jobs/{job_id}/cancel")
+        finally:
+            service.stop()
+            if schema is not None:
+                with admin.connect() as conn:
+                    conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+                admin.dispose()
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
+        "database": args.database,
+        "broker": "redis",
+        "throughput": throughput,
+        "latency": latency,
+    }
+    out = args.out or REPO / "bench" / "results" / f"service_load_{args.database}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print()
+    print("| phase | clients | pacing | result |")
+    print("|---|---|---|---|")
+    t = throughput
+    print(
+        f"| submit + run | {t['clients']} | closed | {t['accepted']}/{t['jobs']} accepted, "
+        f"{t['terminal']} terminal, {t['lost']} lost, {t['all_terminal_s']} s |"
+    )
+    for row in latency:
+        print(
+            f"| submit / status | {row['clients']} | {row['pacing']} ({row['think_ms']} ms) | "
+            f"submit p50 {row['submit_p50_ms']} / p99 {row['submit_p99_ms']} ms; status p50 "
+            f"{row['status_p50_ms']} / p99 {row['status_p99_ms']} ms; {row['req_per_s']} req/s |"
+        )
+    return 0 if throughput["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
