@@ -555,8 +555,11 @@ class Store:
                 ).all()
             )
 
-    def requeue_expired_leases(self, now: datetime | None = None) -> list[str]:
-        """Running jobs whose worker stopped renewing: back to queued (or cancelled)."""
+    def requeue_expired_leases(
+        self, now: datetime | None = None, finished: list[str] | None = None
+    ) -> list[str]:
+        """Running jobs whose worker stopped renewing: back to queued, or cancelled if a cancel
+        was pending (those ids are appended to `finished`, for their webhooks)."""
         now = now or utcnow()
         requeued: list[str] = []
         with self.session() as s:
@@ -575,7 +578,9 @@ class Store:
                     _same(JobRow.lease_expires_at, row.lease_expires_at),
                 )
                 if row.status == "cancelling":
-                    self._finish_where(s, guard, row, "cancelled", message="cancelled")
+                    done = self._finish_where(s, guard, row, "cancelled", message="cancelled")
+                    if done and finished is not None:
+                        finished.append(row.id)
                     continue
                 done = s.execute(
                     update(JobRow)
