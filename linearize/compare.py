@@ -82,8 +82,8 @@ def compare_models(job, output_dir: Path | None) -> Report:
         compare=entries,
     )
     if output_dir is not None:
-        write_compare_bundle(report, Path(output_dir))
         report.output_dir = str(output_dir)
+        write_compare_bundle(report, Path(output_dir))
     return report
 
 
