@@ -213,6 +213,9 @@ class Store:
                 request_sha256=digest,
                 webhook_url=getattr(spec, "webhook_url", None),
                 created_at=now,
+                # Optimistic: the caller publishes right after the commit and clears this if
+                # the broker refuses, which saves a second write on every successful submit.
+                enqueued_at=now,
                 attempts=0,
                 cancel_requested=False,
                 progress_current=0,
@@ -247,6 +250,16 @@ class Store:
                 "this Idempotency-Key was already used with a different request body"
             )
         return existing
+
+    def clear_enqueued(self, job_id: str) -> None:
+        """The publish failed: let the reconciler send this job as soon as the broker is back."""
+        with self.session() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(enqueued_at=None)
+            )
+            s.commit()
 
     def mark_enqueued(self, job_id: str) -> None:
         with self.session() as s:

@@ -117,8 +117,8 @@ def submit_job(
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": "10"}
         ) from None
-    if created and state.broker.publish_job(row.id):
-        state.store.mark_enqueued(row.id)
+    if created and not state.broker.publish_job(row.id):
+        state.store.clear_enqueued(row.id)
     job = job_to_schema(row, state.settings.public_base_url)
     response.headers["Location"] = job.urls.self
     return job

@@ -169,6 +169,8 @@ def test_redis_killed_and_restarted_mid_flight_loses_nothing(
             broker_url=private_redis.url,
             database_url=f"sqlite:///{tmp_path / 'jobs.sqlite'}",
             model_root=model_root,
+            # Not a process-crash test: a warm pool process keeps the six jobs short.
+            LINEARIZE_WORKER_MAX_TASKS_PER_CHILD=0,
         ),
     )
     try:
