@@ -86,7 +86,10 @@ class CompressSpec(_JobBase):
     format: OutputFormat = Field("standard", description="standard: folded, plain HF checkpoint.")
     method: str = Field("auto", description="Fit/selection method; `auto` is the measured best.")
     heal_steps: int | None = Field(
-        None, ge=0, description="Distillation steps for the fitted maps (None: method default)."
+        None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."
+    )
+    heal_seconds: float | None = Field(
+        None, gt=0, description="Healing time budget in seconds (None: the default budget)."
     )
 
     @model_validator(mode="after")

@@ -8,7 +8,6 @@ inputs, shifted inside the model's loss), so a window contributes seq_len - 1 pr
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -40,24 +39,6 @@ def evaluate_perplexity(
 ) -> float:
     nll = window_nll(model, windows, batch_size=batch_size, on_batch=on_batch)
     return perplexity_from_nll(nll, windows.shape[1])
-
-
-@torch.no_grad()
-def measure_throughput(
-    model, windows: torch.Tensor, *, batch_size: int = 4, max_windows: int = 4
-) -> float:
-    """Forward tokens/s of the full model (LM head included) on a few windows, after a warm-up."""
-    device = next(model.parameters()).device
-    sample = windows[:max_windows].to(device)
-    model(input_ids=sample[:1, :32], use_cache=False)  # warm-up: allocator, kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(0, len(sample), batch_size):
-        model(input_ids=sample[i : i + batch_size], use_cache=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return sample.numel() / (time.perf_counter() - start)
 
 
 def count_parameters(model) -> int:

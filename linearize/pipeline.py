@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 ProgressSink = Callable[[ProgressEvent], None]
 RELOAD_TOLERANCE = 0.005  # reloaded vs in-memory perplexity, relative
+DEFAULT_HEAL_STEPS = 400
+DEFAULT_HEAL_SECONDS = 60.0
 
 
 def run(
@@ -188,7 +190,6 @@ class _Job:
 
     def compress(self, output_dir: Path, force: bool) -> Report:
         from linearize.architectures import num_layers
-        from linearize.evaluation import measure_throughput
 
         spec = self.spec
         loaded = self.load(spec.model)
@@ -199,20 +200,24 @@ class _Job:
         windows = self.windows(tokenizer, eval_tokens=spec.eval_tokens)
         baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
         baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
-        with self.timed("throughput"):
-            tps_before = measure_throughput(model, windows.eval)
         analysis = self.analysis(model, windows, tokenizer)
 
         indices, selection = self.select(model, windows, analysis, baseline_val, n_layers)
         self.progress.note("select", f"replacing layers {indices}")
-        self.replace(model, windows, indices)
+        healing = self.healing_budget()
+        teacher = self.capture_teacher(model, windows, indices) if healing else None
+        params = self.replace(model, windows, indices)
+        before_healing = None
+        if healing:
+            before_healing, selection["healing"] = self.heal(
+                model, windows, teacher, params, healing
+            )
+            del teacher
 
         compressed_val = self.perplexity(
             model, windows.validation, "compressed_validation", "evaluate"
         )
         compressed = self.perplexity(model, windows.eval, "compressed_eval", "evaluate")
-        with self.timed("throughput"):
-            tps_after = measure_throughput(model, windows.eval)
 
         report = Report(
             kind="compress",
@@ -226,13 +231,15 @@ class _Job:
             perplexity=Perplexity(
                 baseline=baseline,
                 compressed=compressed,
+                before_healing=before_healing,
                 increase_pct=100 * (compressed / baseline - 1),
                 validation_baseline=baseline_val,
                 validation_compressed=compressed_val,
             ),
             throughput=Throughput(
-                tokens_per_s_before=tps_before,
-                tokens_per_s_after=tps_after,
+                # Forward tokens/s of the evaluation passes themselves (LM head included).
+                tokens_per_s_before=windows.count("eval") / self.timings["baseline_eval"],
+                tokens_per_s_after=windows.count("eval") / self.timings["compressed_eval"],
                 device=str(next(model.parameters()).device),
             ),
             data=_data_info(windows, model, analysis.reservoir_size),
@@ -246,9 +253,63 @@ class _Job:
     # --- compress helpers ----------------------------------------------------------------------
 
     def method_name(self) -> str:
-        if self.spec.format == "linear":
-            return "affine-span-lstsq"
-        return "replaceme-fold-lstsq"
+        name = "affine-span-lstsq" if self.spec.format == "linear" else "fold-lstsq"
+        return name + ("+heal" if self.healing_budget() else "")
+
+    def healing_budget(self) -> tuple[int, float] | None:
+        """(max steps, max seconds), or None when healing is off (heal_steps=0)."""
+        steps = DEFAULT_HEAL_STEPS if self.spec.heal_steps is None else self.spec.heal_steps
+        if steps == 0:
+            return None
+        return steps, self.spec.heal_seconds or DEFAULT_HEAL_SECONDS
+
+    def injection_point(self, indices: list[int]) -> int:
+        """The first position whose computation changes: the fold target or the first block."""
+        first = min(indices)
+        return first - 1 if self.spec.format == "standard" else first
+
+    def capture_teacher(self, model, windows, indices):
+        from linearize.healing import capture_teacher
+
+        start = self.injection_point(indices)
+        with (
+            self.timed("heal"),
+            self.progress.stage("heal", total=len(windows.fit), message="teacher states") as st,
+        ):
+            return capture_teacher(model, windows.fit, start, on_batch=st.advance)
+
+    def heal(self, model, windows, teacher, params, budget):
+        """Distil the maps; keep the result only if the validation perplexity improved."""
+        from linearize.healing import heal, restore, snapshot
+
+        max_steps, max_seconds = budget
+        val_before = self.perplexity(model, windows.validation, "healing_validation", "heal")
+        eval_before = self.perplexity(model, windows.eval, "healing_eval_before", "heal")
+        saved = snapshot(params)
+        with self.timed("heal"), self.progress.stage("heal", total=max_steps) as st:
+            result = heal(
+                model,
+                teacher,
+                windows.fit,
+                params,
+                max_steps=max_steps,
+                max_seconds=max_seconds,
+                seed=self.spec.seed,
+                on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
+            )
+        val_after = self.perplexity(model, windows.validation, "healing_validation", "heal")
+        kept = val_after < val_before
+        if not kept:
+            restore(params, saved)
+            self.notes.append("healing did not improve the validation slice; kept the fitted maps")
+        info = {
+            **result.as_dict(),
+            "validation_before": val_before,
+            "validation_after": val_after,
+            "kept": "healed" if kept else "fitted",
+            "loss": "centred-logit MSE at the final hidden state (linearize.healing)",
+        }
+        return eval_before, info
 
     def select(self, model, windows, analysis, baseline_val: float, n_layers: int):
         from linearize.selection import (
@@ -293,10 +354,17 @@ class _Job:
             "trace": trace,
         }
 
-    def replace(self, model, windows, indices: list[int]) -> None:
+    def replace(self, model, windows, indices: list[int]) -> list:
+        """Fit and apply the maps; returns the parameters that carry them (for healing)."""
+        from linearize.architectures import decoder_layers, get_architecture
         from linearize.fitting import collect_span_stats, fit_spans
         from linearize.selection import contiguous_spans
-        from linearize.surgery import check_foldable, fold_and_remove, replace_with_linear
+        from linearize.surgery import (
+            LinearBlock,
+            check_foldable,
+            fold_and_remove,
+            replace_with_linear,
+        )
 
         spans = contiguous_spans(indices)
         fmt = self.spec.format
@@ -308,8 +376,13 @@ class _Job:
         with self.timed("surgery"), self.progress.stage("surgery", total=1):
             if fmt == "linear":
                 replace_with_linear(model, maps)
-            else:
-                fold_and_remove(model, maps)
+                return [
+                    p for m in model.modules() if isinstance(m, LinearBlock) for p in m.parameters()
+                ]
+            arch, layers = get_architecture(model), decoder_layers(model)
+            projections = [layers[start - 1].get_submodule(arch.mlp_out) for start, _ in spans]
+            fold_and_remove(model, maps)
+            return [p for proj in projections for p in proj.parameters()]
 
     def save_and_verify(
         self, model, tokenizer, windows, report: Report, output_dir: Path, force: bool, residuals

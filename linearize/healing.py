@@ -1,0 +1,199 @@
+"""Healing: distil only the fitted maps against the original model, cheaply, on the CPU.
+
+The student differs from the teacher only from the first replaced position on, so the
+teacher's hidden states entering that position are cached once and injected; each step runs
+only the layers after it. The loss is the mean squared difference of *centred logits*,
+computed without the LM head: with W the output embedding (V x d) and Wc its rows centred,
+
+    (z_s - z_t) centred = (h_s - h_t) Wc^T,   so   ||.||^2 / V = (h_s - h_t) S (h_s - h_t)^T,
+    S = Wc^T Wc / V  (d x d, precomputed),
+
+where h are final (normed) hidden states. An LM-head bias cancels in the difference, and
+centring removes the softmax's shift invariance. Cost per token: one d x d product instead of
+a V x d head, which for small models is a large part of the forward.
+
+Trainable parameters: the linear blocks (linear format) or the output projections that carry
+the folded maps (standard format; training the whole projection is training T before the fold,
+with the projection's own freedom added). Everything else stays frozen. The pipeline keeps the
+healed maps only if the validation-slice perplexity improved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from linearize.architectures import decoder_layers, get_architecture
+from linearize.capture import hooked, iterate_batches, layer_io
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealingResult:
+    steps: int
+    seconds: float
+    train_loss_first: float
+    train_loss_last: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TeacherCache:
+    start: int  # the position whose input is injected
+    inputs: torch.Tensor  # (n_windows, S, d) teacher hidden states entering `start`
+    finals: torch.Tensor  # (n_windows, S, d) teacher final normed hidden states
+
+
+@torch.no_grad()
+def capture_teacher(
+    model, windows: torch.Tensor, start: int, *, batch_size: int = 4, on_batch=None
+) -> TeacherCache:
+    """One pass of the original model: inputs of layer `start` and final hidden states."""
+    layers = decoder_layers(model)
+    inputs, finals = [], []
+
+    def on_layer(_index, args, kwargs, output):
+        inputs.append(layer_io(args, kwargs, output)[0].float().cpu())
+
+    base = model.base_model
+    with hooked({start: layers[start]}, on_layer):
+        for _, batch in iterate_batches(windows, batch_size):
+            device = next(model.parameters()).device
+            out = base(input_ids=batch.to(device), use_cache=False)
+            finals.append(out.last_hidden_state.float().cpu())
+            if on_batch is not None:
+                on_batch(len(batch))
+    return TeacherCache(start, torch.cat(inputs), torch.cat(finals))
+
+
+def logit_metric(model) -> torch.Tensor:
+    """S = Wc^T Wc / V for the centred-logit MSE (float32, on the model's device)."""
+    weight = model.get_output_embeddings().weight.detach().double()  # (V, d)
+    centred = weight - weight.mean(0, keepdim=True)
+    metric = centred.T @ centred / weight.shape[0]
+    return metric.float().to(weight.device)
+
+
+def centred_logit_mse(h_student: torch.Tensor, h_teacher: torch.Tensor, metric: torch.Tensor):
+    diff = (h_student - h_teacher).reshape(-1, h_student.shape[-1])
+    return ((diff @ metric) * diff).sum(-1).mean()
+
+
+class _Injector(nn.Module):
+    """Stands in for layers [0, start): returns the cached teacher hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden.to(hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def suffix_stack(model, start: int):
+    """Temporarily run only layers[start:], fed by an injector at position 0."""
+    arch = get_architecture(model)
+    layers = decoder_layers(model)
+    config = model.config
+    injector = _Injector()
+    for name in ("attention_type", "layer_type", "is_sliding", "sliding_window"):
+        if hasattr(layers[start], name):
+            setattr(injector, name, getattr(layers[start], name))
+    saved = {
+        key: getattr(config, key, None)
+        for key in (arch.num_layers_key, *arch.per_layer_config_keys)
+    }
+    parent_path, _, attr = arch.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    new_layers = nn.ModuleList([injector, *list(layers)[start:]])
+    try:
+        setattr(parent, attr, new_layers)
+        setattr(config, arch.num_layers_key, len(new_layers))
+        for key in arch.per_layer_config_keys:
+            if saved[key] is not None:
+                setattr(config, key, [saved[key][start], *saved[key][start:]])
+        yield injector
+    finally:
+        setattr(parent, attr, layers)
+        for key, value in saved.items():
+            if value is not None:
+                setattr(config, key, value)
+
+
+def heal(
+    model,
+    cache: TeacherCache,
+    windows: torch.Tensor,
+    params: list[nn.Parameter],
+    *,
+    max_steps: int,
+    max_seconds: float,
+    lr: float = 3e-4,
+    batch_size: int = 1,
+    seed: int = 0,
+    on_step=None,
+) -> HealingResult:
+    """Adam on `params` only, minimising the centred-logit MSE at the final hidden state.
+
+    Stops at `max_steps` or after `max_seconds`, whichever comes first. The caller judges the
+    result on the validation slice (and may restore a snapshot taken before).
+    """
+    metric = logit_metric(model)
+    was_trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in was_trainable:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    started = time.perf_counter()
+    try:
+        with suffix_stack(model, cache.start) as injector:
+            while len(losses) < max_steps and time.perf_counter() - started < max_seconds:
+                pick = torch.randint(0, len(windows), (batch_size,), generator=generator)
+                injector.hidden = cache.inputs[pick].to(device)
+                out = model.base_model(input_ids=windows[pick].to(device), use_cache=False)
+                loss = centred_logit_mse(
+                    out.last_hidden_state.float(), cache.finals[pick].to(device), metric
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(len(losses), losses[-1])
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        for p in was_trainable:
+            p.requires_grad_(True)
+        model.eval()
+    tail = losses[-5:]
+    return HealingResult(
+        steps=len(losses),
+        seconds=round(time.perf_counter() - started, 2),
+        train_loss_first=losses[0] if losses else math.nan,
+        train_loss_last=sum(tail) / len(tail) if tail else math.nan,
+    )
+
+
+def snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def restore(params: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
+    for p, value in zip(params, saved, strict=True):
+        p.copy_(value)
