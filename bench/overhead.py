@@ -544,12 +544,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rss-tokens", type=int, nargs=2, default=[8192, 65536])
     parser.add_argument("--rss-reservoir", type=int, default=2048, help="as in the pipeline")
     parser.add_argument("--no-legacy", action="store_true", help="GPU: skip the old fp32 path")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU timing)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(args.rss_child, args.seq_len, args.batch_size, args.reservoir)
         return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     env = environment()
     print(json.dumps(env))
     gpu_path = args.device.startswith("cuda") or args.tiny
@@ -557,6 +562,7 @@ def main(argv=None) -> None:
     result["environment"] = env
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     suffix = "cuda" if args.device.startswith("cuda") else ("tiny" if args.tiny else "cpu")
+    suffix += f"_{args.threads}thread" if args.threads else ""
     write_json(result, f"overhead_{suffix}.json", args.json)
 
 

@@ -66,7 +66,7 @@ def test_update_equals_legacy_numbers_on_float32_rows():
     assert torch.equal(new.sum_x, old.sum_x) and torch.equal(new.yy_diag, old.yy_diag)
     assert rel_err(new.xx, old.xx) < 1e-6
     assert rel_err(new.xy, old.xy) < 1e-6
-    assert torch.equal(new.xx, new.xx.T)  # the mirrored block is exactly symmetric
+    assert rel_err(new.xx, new.xx.T) < 1e-7  # mirrored blocks; GEMM diagonal blocks ~1e-8
     assert new.sq_update == pytest.approx(extras[0].item(), rel=1e-5)
     assert new.sq_input == pytest.approx(extras[1].item(), rel=1e-6)
     assert new.cos_sum == pytest.approx(extras[2].item(), rel=1e-6)
@@ -108,8 +108,9 @@ def test_half_precision_rows_match_fp64_statistics_of_the_same_values(dtype):
     fast = stream(x, y, dtype, batch=512).centered()
     exact = stream(x.double(), y.double(), torch.float64, batch=512).centered()
     assert stream(x, y, dtype).shift_x.abs().sum() == 0  # raw rows: no shift
-    assert rel_err(fast.gram, exact.gram) < 1e-6
-    assert rel_err(fast.cross, exact.cross) < 1e-6
+    # Unshifted fp32 batch sums: error ~ eps32 * (1 + mean^2 / var), here mean^2 / var <= 16.
+    assert rel_err(fast.gram, exact.gram) < 3e-6
+    assert rel_err(fast.cross, exact.cross) < 3e-6
     assert fast.y_sq == pytest.approx(exact.y_sq, rel=1e-6)
     assert torch.allclose(fast.mean_x, exact.mean_x, rtol=1e-7, atol=1e-9)
 
