@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty --output")
     p.add_argument(
+        "--heal-steps",
+        type=int,
+        metavar="N",
+        help="healing (distillation) steps cap; default 400, 0 disables healing",
+    )
+    p.add_argument(
+        "--heal-seconds", type=float, metavar="S", help="healing time budget; default 60 s"
+    )
+    p.add_argument(
         "--gate-ppl-increase",
         type=float,
         metavar="P",
@@ -129,6 +138,8 @@ def spec_from_args(args: argparse.Namespace):
         gate_ppl_increase=args.gate_ppl_increase,
         eval_tokens=args.eval_tokens,
         format=args.format,
+        heal_steps=args.heal_steps,
+        heal_seconds=args.heal_seconds,
         **common,
     )
 

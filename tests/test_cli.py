@@ -114,6 +114,8 @@ def test_gate_failure_exits_1_and_keeps_artifacts(tmp_path):
             "3",
             "--gate-ppl-increase",
             "0",
+            "--heal-steps",
+            "0",
             "--output",
             str(out),
             "--report",

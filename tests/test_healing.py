@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import build_tiny_model
 
 from linearize.architectures import decoder_layers
 from linearize.healing import capture_teacher, centred_logit_mse, heal, logit_metric, suffix_stack
-from tiny_models import build_tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
@@ -39,8 +39,16 @@ def test_healing_lowers_the_distillation_loss_of_a_damaged_block():
     before = {n: p.clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         projection.weight.mul_(0.0)  # damage: the block's MLP output is gone
-    result = heal(model, cache, teacher_ids, [projection.weight], max_steps=40, max_seconds=60,
-                  lr=1e-2, batch_size=4)
+    result = heal(
+        model,
+        cache,
+        teacher_ids,
+        [projection.weight],
+        max_steps=40,
+        max_seconds=60,
+        lr=1e-2,
+        batch_size=4,
+    )
     assert result.steps == 40
     assert result.train_loss_last < 0.7 * result.train_loss_first
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]

@@ -29,7 +29,11 @@ def data():
 
 
 def compress_spec(model, data, **kw):
-    return CompressSpec(model=str(model), data=data, eval_tokens=1024, **{**SMALL, **kw})
+    # A short healing budget keeps the suite fast; the default budget is exercised end to end
+    # on the bundled model (test_bundled_model.py).
+    return CompressSpec(
+        model=str(model), data=data, eval_tokens=1024, **{**SMALL, "heal_steps": 20, **kw}
+    )
 
 
 @pytest.mark.parametrize("fmt", ["standard", "linear"])
@@ -56,6 +60,21 @@ def test_compress_writes_a_checkpoint_that_reloads_to_the_same_perplexity(
     else:
         assert report.model.extra_params > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_healing_is_reported_with_the_perplexity_before_it(tiny_llama, data, tmp_path):
+    report = pipeline.run(compress_spec(tiny_llama, data, layers=2), output_dir=tmp_path / "o")
+    healing = report.selection["healing"]
+    assert healing["steps"] == 20
+    assert report.perplexity.before_healing is not None
+    assert report.method == "fold-lstsq+heal"
+    if healing["kept"] == "healed":
+        assert healing["validation_after"] < healing["validation_before"]
+    off = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, heal_steps=0), output_dir=tmp_path / "off"
+    )
+    assert "healing" not in off.selection and off.perplexity.before_healing is None
+    assert off.perplexity.compressed == pytest.approx(report.perplexity.before_healing)
 
 
 def test_explicit_indices_are_replaced_in_both_formats(tiny_llama, data, tmp_path):
