@@ -31,12 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     output = args.out / time.strftime("demo-%Y%m%d-%H%M%S")
     from linearize.cli import main as cli_main
 
-    return cli_main([
-        "compress", "--model", "smollm2-135m", "--layers", str(args.layers),
-        "--data", str(args.data), "--calib-tokens", "8192", "--eval-tokens", "8192",
-        "--seq-len", "512", "--format", "standard", "--output", str(output),
-        "--report", str(output) + ".json",
-    ])
+    return cli_main(
+        [
+            "compress",
+            "--model",
+            "smollm2-135m",
+            "--layers",
+            str(args.layers),
+            "--data",
+            str(args.data),
+            "--calib-tokens",
+            "8192",
+            "--eval-tokens",
+            "8192",
+            "--seq-len",
+            "512",
+            "--format",
+            "standard",
+            "--output",
+            str(output),
+            "--report",
+            str(output) + ".json",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,15 @@ def report_and_dir(tmp_path_factory, wikitext_path):
     from linearize import pipeline
 
     out = tmp_path_factory.mktemp("bundled") / "ckpt"
-    spec = CompressSpec(model="smollm2-135m", data=DataSpec(path=str(wikitext_path)), layers=2,
-                        calib_tokens=2048, eval_tokens=2048, seq_len=512, format="standard")
+    spec = CompressSpec(
+        model="smollm2-135m",
+        data=DataSpec(path=str(wikitext_path)),
+        layers=2,
+        calib_tokens=2048,
+        eval_tokens=2048,
+        seq_len=512,
+        format="standard",
+    )
     return pipeline.run(spec, output_dir=out), out
 
 

@@ -94,7 +94,10 @@ def test_planted_affine_layer_is_recovered_and_scores_one():
 def test_merge_equals_single_stream():
     x, y = planted(offset=50.0)
     whole = stream(x, y, acc=torch.float64)
-    first, second = stream(x[:1000], y[:1000], acc=torch.float64), stream(x[1000:], y[1000:] + 0, acc=torch.float64)
+    first, second = (
+        stream(x[:1000], y[:1000], acc=torch.float64),
+        stream(x[1000:], y[1000:] + 0, acc=torch.float64),
+    )
     first.merge(second)
     a, b = whole.centered(), first.centered()
     assert torch.allclose(a.gram, b.gram, rtol=1e-9)
