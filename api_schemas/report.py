@@ -10,7 +10,8 @@ REPORT_SCHEMA_VERSION = "1.0"
 
 PERPLEXITY_DEFINITION = (
     "exp(mean token negative log-likelihood over all predicted tokens of the evaluation windows); "
-    "windows: evaluation text tokenized with the model tokenizer's default special tokens, the "
+    "windows: the source read as UTF-8 with newlines normalised to LF, its second half by "
+    "characters (the evaluation text) tokenized with the model tokenizer's default special tokens, the "
     "first eval_tokens tokens cut into non-overlapping seq_len windows, labels = inputs (each "
     "window predicts its tokens 2..seq_len)."
 )

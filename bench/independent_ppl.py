@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
 
-    text = args.text.read_text(encoding="utf-8")
+    with open(args.text, encoding="utf-8") as handle:  # text mode: newlines become LF
+        text = handle.read()
     second_half = text[len(text) // 2 :]
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     ids = tokenizer(second_half)["input_ids"][: args.eval_tokens]

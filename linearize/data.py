@@ -1,7 +1,7 @@
 """Text sources -> fixed-length token windows, with a disjoint calibration/evaluation split.
 
-The evaluation windows are defined so anyone can reproduce them: take the second half of the
-text by characters, tokenize it with the model's tokenizer and its default special tokens, keep
+The evaluation windows are defined so anyone can reproduce them: read the file as UTF-8 text with
+newlines normalised to LF (what `open(path).read()` gives), take the second half by characters, tokenize it with the model's tokenizer and its default special tokens, keep
 the first `eval_tokens` tokens and cut them into non-overlapping `seq_len` windows. Calibration
 comes from the first half in the same way; its last windows form the validation slice used for
 every ranking, selection and tuning decision. Evaluation windows never choose anything.
@@ -70,6 +70,9 @@ def read_text(path: str | Path, text_field: str = "text") -> TextSource:
             f"{path} is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
             "convert it first, e.g. `iconv -t UTF-8`"
         ) from exc
+    # Newlines are normalised as Python's text mode reads files (CRLF/CR -> LF): the shared
+    # wikitext file has CRLF endings, and an independent `open(path).read()` must see our text.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if path.suffix in (".jsonl", ".ndjson"):
         text = _join_jsonl(text, text_field, path)
     if not text.strip():

@@ -89,3 +89,9 @@ def test_token_hashes_identify_the_windows(tmp_path, tokenizer):
     assert a.calib_sha256 == b.calib_sha256 and a.eval_sha256 == b.eval_sha256
     assert a.calib_sha256 != a.eval_sha256
     assert torch.equal(a.eval, b.eval)
+
+
+def test_crlf_newlines_read_like_python_text_mode(tmp_path):
+    path = write(tmp_path, "crlf.txt", b"first line\r\nsecond line\r\n")
+    with open(path) as handle:
+        assert read_text(path).text == handle.read() == "first line\nsecond line\n"
