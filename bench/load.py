@@ -90,7 +90,7 @@ class Service:
             start_new_session=True,
         )
 
-    def start(self, concurrency: int) -> None:
+    def start(self, concurrency: int, api_workers: int = 1) -> None:
         self._spawn(
             "api",
             [
@@ -105,6 +105,8 @@ class Service:
                 "--log-level",
                 "warning",
                 "--no-access-log",
+                "--workers",
+                str(api_workers),
             ],
         )
         self._spawn(
@@ -262,6 +264,7 @@ def main() -> int:
     parser.add_argument("--latency-rounds", type=int, default=20)
     parser.add_argument("--think-ms", type=float, default=500.0)
     parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn processes")
     parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432")
@@ -288,7 +291,7 @@ def main() -> int:
             database_url = f"sqlite:///{workdir / 'jobs.sqlite'}"
         service = Service(workdir, database_url, args.redis, workdir / "models")
         try:
-            service.start(args.worker_concurrency)
+            service.start(args.worker_concurrency, args.api_workers)
             text_path = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
             body = (
                 text_path.read_bytes()[:200_000]
@@ -333,6 +336,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
         "database": args.database,
+        "api_workers": args.api_workers,
         "broker": "redis",
         "throughput": throughput,
         "latency": latency,
