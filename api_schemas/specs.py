@@ -88,6 +88,9 @@ class CompressSpec(_JobBase):
     heal_steps: int | None = Field(
         None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."
     )
+    use_cache: bool = Field(
+        True, description="Reuse baseline perplexity and analysis of the same model and data."
+    )
     heal_seconds: float | None = Field(
         None, gt=0, description="Healing time budget in seconds (None: the default budget)."
     )

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="healing (distillation) steps cap; default 400, 0 disables healing",
     )
     p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the baseline and the analysis instead of reusing the cache",
+    )
+    p.add_argument(
         "--heal-seconds", type=float, metavar="S", help="healing time budget; default 60 s"
     )
     p.add_argument(
@@ -140,6 +145,7 @@ def spec_from_args(args: argparse.Namespace):
         format=args.format,
         heal_steps=args.heal_steps,
         heal_seconds=args.heal_seconds,
+        use_cache=not args.no_cache,
         **common,
     )
 

@@ -198,9 +198,7 @@ class _Job:
         n_layers = num_layers(model)
         _check_budget_early(spec, n_layers)
         windows = self.windows(tokenizer, eval_tokens=spec.eval_tokens)
-        baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
-        baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
-        analysis = self.analysis(model, windows, tokenizer)
+        baseline, baseline_val, analysis = self.baseline_and_analysis(model, windows, tokenizer)
 
         indices, selection = self.select(model, windows, analysis, baseline_val, n_layers)
         self.progress.note("select", f"replacing layers {indices}")
@@ -251,6 +249,35 @@ class _Job:
         )
 
     # --- compress helpers ----------------------------------------------------------------------
+
+    def baseline_and_analysis(self, model, windows, tokenizer):
+        """Baseline perplexities and the analysis, from the cache when the same model, windows
+        and settings were seen before (linearize.cache)."""
+        from linearize import cache
+        from linearize.analysis import Analysis
+
+        key = cache.entry_key(model, windows, self.spec) if self.spec.use_cache else None
+        entry = cache.load_entry(key) if key else None
+        if entry is not None:
+            self.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
+            self.timings["baseline_eval"] = entry["baseline_eval_seconds"]
+            analysis = Analysis(
+                entry["layers"], None, None, entry["residuals"], entry["reservoir_size"]
+            )
+            return entry["baseline"], entry["baseline_validation"], analysis
+        baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
+        baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
+        analysis = self.analysis(model, windows, tokenizer)
+        if key:
+            entry = {
+                "baseline": baseline,
+                "baseline_validation": baseline_val,
+                "baseline_eval_seconds": self.timings["baseline_eval"],
+                "layers": analysis.layers,
+                "reservoir_size": analysis.reservoir_size,
+            }
+            cache.save_entry(key, entry, analysis.residuals)
+        return baseline, baseline_val, analysis
 
     def method_name(self) -> str:
         name = "affine-span-lstsq" if self.spec.format == "linear" else "fold-lstsq"

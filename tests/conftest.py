@@ -12,3 +12,9 @@ def wikitext_path():
     from linearize.data import find_wikitext
 
     return find_wikitext()
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own linearize cache, never the user's."""
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))

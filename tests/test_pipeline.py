@@ -175,3 +175,25 @@ def test_planted_outlier_tokens_are_the_listed_trigger_tokens(tiny_llama, data):
     assert [t["token"] for t in layer["trigger_tokens"]] == [token] * 5
     others = [row["top1pct_residual_share"] for row in analysis.layers if row["index"] != 2]
     assert layer["top1pct_residual_share"] > 4 * max(others)
+
+
+def test_second_run_reuses_baseline_and_analysis_from_the_cache(
+    tiny_llama, data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "cache"))
+    first = pipeline.run(
+        compress_spec(tiny_llama, data, layers=1, heal_steps=0), output_dir=tmp_path / "a"
+    )
+    second = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, heal_steps=0), output_dir=tmp_path / "b"
+    )
+    assert any("cache" in note for note in second.notes)
+    assert "analyze" not in second.timings and "analyze" in first.timings
+    assert second.perplexity.baseline == first.perplexity.baseline
+    assert [r.score for r in second.linearity] == [r.score for r in first.linearity]
+    fresh = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, heal_steps=0, use_cache=False),
+        output_dir=tmp_path / "c",
+    )
+    assert "analyze" in fresh.timings
+    assert fresh.perplexity.compressed == pytest.approx(second.perplexity.compressed, rel=1e-6)
