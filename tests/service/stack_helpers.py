@@ -76,7 +76,7 @@ def tiny_spec(dataset_id: str, **overrides) -> dict:
 
 
 def pg_admin_url() -> str:
-    return f"{PG_SERVER}/test"
+    return f"{PG_SERVER}/postgres"  # always there, unlike any test database
 
 
 def pg_schema_url(pg_database: str) -> tuple[str, str]:
