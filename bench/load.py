@@ -158,6 +158,7 @@ def tiny_job(dataset_id: str) -> dict:
         "calib_tokens": 256,
         "eval_tokens": 256,
         "seq_len": 64,
+        "heal_steps": 0,
     }
 
 

@@ -205,6 +205,9 @@ def _execute(store: Store, settings: Settings, row, owner: str, lease: _Lease, o
     job_id = row.id
     try:
         spec = _prepare_spec(row, settings, store)
+        # The engine's cache (baseline and analysis per model and data) goes on the shared
+        # artifact volume rather than the worker's home directory, unless set explicitly.
+        os.environ.setdefault("LINEARIZE_CACHE_DIR", str(settings.resolved_artifact_dir / "cache"))
         # Imported here, in the forked child: the parent never loads torch or touches CUDA.
         from linearize import pipeline
 

@@ -70,6 +70,9 @@ def tiny_spec(dataset_id: str, **overrides) -> dict:
         "eval_tokens": 256,
         "seq_len": 64,
         "format": "standard",
+        # Healing (distillation) runs up to 400 steps by default; the service tests are about
+        # the service, so only the full-flow test asks for some.
+        "heal_steps": 0,
     }
     body.update(overrides)
     return body

@@ -36,7 +36,7 @@ def test_full_flow_upload_submit_events_download_load(shared_stack, text_file, t
         dataset = upload.json()
         assert dataset["sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
 
-        response = http.post("/v1/jobs", json=tiny_spec(dataset["id"]))
+        response = http.post("/v1/jobs", json=tiny_spec(dataset["id"], heal_steps=20))
         assert response.status_code == 202
         job_id = response.json()["id"]
 
