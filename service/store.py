@@ -64,9 +64,18 @@ class ClaimResult:
     attempt: int = 0
 
 
+_id_lock = threading.Lock()
+_last_id_us = 0
+
+
 def new_id(prefix: str) -> str:
-    """Time-ordered ids (ms timestamp + randomness): listing by id is listing by creation."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+    """Time-ordered ids (microseconds + randomness): listing by id is listing by creation.
+    Strictly increasing within a process, so two jobs created in one microsecond still sort."""
+    global _last_id_us
+    with _id_lock:
+        _last_id_us = max(time.time_ns() // 1000, _last_id_us + 1)
+        stamp = _last_id_us
+    return f"{prefix}_{stamp:014x}{secrets.token_hex(5)}"
 
 
 def canonical_spec_json(spec: BaseModel) -> str:
