@@ -164,7 +164,8 @@ def heal(
             while len(losses) < max_steps and time.perf_counter() - started < max_seconds:
                 pick = torch.randint(0, len(windows), (batch_size,), generator=generator)
                 injector.hidden = cache.inputs[pick].to(device)
-                out = model.base_model(input_ids=windows[pick].to(device), use_cache=False)
+                with _autocast(device):
+                    out = model.base_model(input_ids=windows[pick].to(device), use_cache=False)
                 loss = centred_logit_mse(
                     out.last_hidden_state.float(), cache.finals[pick].to(device), metric
                 )
@@ -187,6 +188,14 @@ def heal(
         train_loss_first=losses[0] if losses else math.nan,
         train_loss_last=sum(tail) / len(tail) if tail else math.nan,
     )
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast for the distillation steps: about 2x faster on CPUs with AVX512-BF16 and on
+    GPUs; the parameters, the optimizer state and the loss stay in float32."""
+    if device.type == "cpu" and not torch.backends.mkldnn.is_available():
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
