@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
-.PHONY: setup demo test test-fast lint format bench bench-quality clean
+.PHONY: setup demo test test-fast lint format bench bench-quality bench-service clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: setup
 
 bench-quality: setup
 	$(PY) bench/quality.py --data $(DATA)
+
+bench-service: setup
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
