@@ -6,7 +6,8 @@
 # 1. environment: card, driver, python, torch, transformers (stops with a message if missing);
 # 2. a tiny-config dry run of the same code path on the GPU (catches API drift in seconds);
 # 3. the benchmark: Llama-2-7B-shaped random-init model in bf16, 8 x 2048 random tokens,
-#    plain decoder forward vs the analysis pass (fast bf16 path; the old fp32 path for reference),
+#    plain decoder forward vs the analysis pass (fast bf16 path; with the 2048-row reservoir the
+#    pipeline uses; the old fp32 path for reference),
 #    precision of the fast path against fp64 statistics, a per-layer cost breakdown, and a check
 #    that PairStats.update never synchronises with the host.
 # Everything goes to stdout; with $OUT set, the JSON results land in $OUT/overhead_gpu.json.
@@ -52,7 +53,7 @@ fi
 
 echo
 echo "== dry run: tiny config, same code path, on $DEVICE"
-if ! timeout 120 "$PY" bench/overhead.py --device "$DEVICE" --tiny --repeats 2 "${TINY_ARGS[@]}"; then
+if ! timeout 120 "$PY" bench/overhead.py --device "$DEVICE" --tiny --repeats 2 --reservoir 64 ${TINY_ARGS[@]+"${TINY_ARGS[@]}"}; then
     echo "ERROR: the tiny dry run failed (see above); skipping the 7B-shaped run"
     exit 5
 fi
@@ -61,7 +62,7 @@ fi
 
 echo
 echo "== benchmark: Llama-2-7B-shaped bf16, 8 x 2048 tokens"
-timeout 240 "$PY" bench/overhead.py --device cuda --repeats 5 "${JSON_ARGS[@]}"
+timeout 240 "$PY" bench/overhead.py --device cuda --repeats 5 --reservoir 2048 ${JSON_ARGS[@]+"${JSON_ARGS[@]}"}
 RC=$?
 [ "$RC" -eq 124 ] && echo "ERROR: the benchmark ran past its 240 s limit"
 echo

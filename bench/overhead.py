@@ -353,7 +353,7 @@ def precision_check(model, windows, batch_size: int, layer_indices, accumulate_d
     def on_layer(index, args, kwargs, output):
         x, y = layer_io(args, kwargs, output)
         fast[index].update(x, y)
-        exact[index].update(x, y)
+        exact[index].update(x.double(), y.double())  # fp64 rows: extras in fp64 too
         if index == layer_indices[-1] and not kept:
             kept["x"], kept["y"] = x.detach().clone(), y.detach().clone()
 
@@ -425,7 +425,7 @@ def profile_update(x, y, device, acc, repeats: int = 10) -> dict:
     mm = gram_fp32 if stats.raw_rows else (lambda a, b: a.T @ b)
     parts = {
         "PairStats.update (all)": lambda: stats.update(x, y),
-        "block Grams X^T X (3/4) + X^T Y": lambda: stats._add_grams(xs, ys, mm),
+        "block Grams X^T X (10/16) + X^T Y": lambda: stats._add_grams(xs, ys, mm),
         "two full GEMMs X^T X, X^T Y": lambda: (mm(xs, xs), mm(xs, ys)),
         "paired extras (3 row norms)": lambda: paired_sums(x, y),
         "column sums + yy_diag (fp64)": lambda: (
