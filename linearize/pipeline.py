@@ -103,20 +103,28 @@ class _Job:
 
     # --- shared stages ---------------------------------------------------------------------
 
+    def text(self):
+        """The data source, read once; read before the model so bad data fails in a second."""
+        from linearize.data import load_source
+
+        if not hasattr(self, "_text"):
+            self._text = load_source(self.spec.data)
+        return self._text
+
     def load(self, source: str):
         from linearize.loading import load_model
 
+        self.text()
         with self.timed("load"), self.progress.stage("load", total=1, message=source):
             return load_model(source, dtype=self.spec.dtype, device=self.spec.device)
 
     def windows(self, tokenizer, eval_tokens: int | None):
-        from linearize.data import build_windows, load_source
+        from linearize.data import build_windows
 
         with self.timed("data"), self.progress.stage("data", total=1):
-            source = load_source(self.spec.data)
             return build_windows(
                 tokenizer,
-                source,
+                self.text(),
                 calib_tokens=self.spec.calib_tokens,
                 eval_tokens=eval_tokens,
                 seq_len=self.spec.seq_len,
