@@ -81,6 +81,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
         ]
         for key in (
             "baseline",
+            "before_healing",
             "compressed",
             "reloaded",
             "validation_baseline",
@@ -277,7 +278,8 @@ def _plot_tokens(plt, report: Report, residuals) -> bytes:
         share = (r / r.sum().clamp_min(1e-300)).sort(descending=True).values.cumsum(0)
         frac = torch.arange(1, len(r) + 1) / len(r)
         ax.plot(frac.numpy(), share.numpy(), label=f"layer {i}")
-    ax.plot([0, 1], [0, 1], "k:", label="uniform")
+    uniform = torch.logspace(-4, 0, 50)
+    ax.plot(uniform.numpy(), uniform.numpy(), "k:", label="uniform")
     ax.set_xscale("log")
     ax.set_xlabel("fraction of validation tokens (largest residual first)")
     ax.set_ylabel("share of the layer's residual")
