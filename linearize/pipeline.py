@@ -219,10 +219,15 @@ class _Job:
                 model, windows, teacher, params, healing
             )
             del teacher
-
-        compressed_val = self.perplexity(
-            model, windows.validation, "compressed_validation", "evaluate"
-        )
+            # heal() measured the validation slice of the model it leaves behind.
+            info = selection["healing"]
+            compressed_val = info[
+                "validation_after" if info["kept"] == "healed" else "validation_before"
+            ]
+        else:
+            compressed_val = self.perplexity(
+                model, windows.validation, "compressed_validation", "evaluate"
+            )
         compressed = self.perplexity(model, windows.eval, "compressed_eval", "evaluate")
 
         report = Report(

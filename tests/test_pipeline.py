@@ -70,6 +70,9 @@ def test_healing_is_reported_with_the_perplexity_before_it(tiny_llama, data, tmp
     assert report.method == "fold-lstsq+heal"
     if healing["kept"] == "healed":
         assert healing["validation_after"] < healing["validation_before"]
+        assert report.perplexity.validation_compressed == healing["validation_after"]
+    else:
+        assert report.perplexity.validation_compressed == healing["validation_before"]
     off = pipeline.run(
         compress_spec(tiny_llama, data, layers=2, heal_steps=0), output_dir=tmp_path / "off"
     )
