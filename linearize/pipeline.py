@@ -390,7 +390,10 @@ class _Job:
         return best, {
             **info,
             "mode": "target_ppl_increase",
-            "search": "binary search on k along the ranking, validation slice",
+            "search": (
+                "binary search on k along the ranking; each trial is fitted without healing "
+                "and measured on the validation slice"
+            ),
             "trace": trace,
         }
 
