@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from linearize.architectures import decoder_layers
-from linearize.capture import LayerCapture, collect_layer_stats
+from linearize.capture import collect_layer_stats
 from linearize.fitting import DEFAULT_RIDGE, fit_affine
 from linearize.linearity import (
     intrinsic_dimension_twonn,
@@ -40,9 +40,10 @@ ANALYSIS_NOTES = (
 
 @dataclass
 class Analysis:
+    """What later stages need. The per-layer statistics, maps and reservoir are dropped once the
+    scores exist: they are O(L d^2) and would otherwise stay alive through fitting and healing."""
+
     layers: list[dict]  # one dict per layer: LayerLinearity fields
-    capture: LayerCapture
-    maps: list  # per-layer AffineMap fitted on the fit windows
     residuals: torch.Tensor  # (L, validation tokens) per-token squared residual
     reservoir_size: int
 
@@ -84,10 +85,5 @@ def analyze(
         if capture.reservoir is not None:
             row["intrinsic_dimension"] = intrinsic_dimension_twonn(capture.reservoir[index])
         reports.append(row)
-    return Analysis(
-        reports,
-        capture,
-        maps,
-        residual,
-        0 if capture.reservoir is None else len(capture.reservoir[0]),
-    )
+    reservoir_size = 0 if capture.reservoir is None else len(capture.reservoir[0])
+    return Analysis(reports, residual, reservoir_size)

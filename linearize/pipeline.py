@@ -274,9 +274,7 @@ class _Job:
         if entry is not None:
             self.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
             self.timings["baseline_eval"] = entry["baseline_eval_seconds"]
-            analysis = Analysis(
-                entry["layers"], None, None, entry["residuals"], entry["reservoir_size"]
-            )
+            analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
             return entry["baseline"], entry["baseline_validation"], analysis
         baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
         baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
