@@ -14,8 +14,11 @@ a V x d head, which for small models is a large part of the forward.
 
 Trainable parameters: the linear blocks (linear format) or the output projections that carry
 the folded maps (standard format; training the whole projection is training T before the fold,
-with the projection's own freedom added). Everything else stays frozen. The pipeline keeps the
-healed maps only if the validation-slice perplexity improved.
+with the projection's own freedom added), plus every weight matrix of the first NEIGHBOUR_LAYERS
+decoder layers from the cut, which learn to absorb what the map gets wrong. Norms, biases,
+embeddings and all other layers stay frozen. With a 60 s budget this beat training the maps
+alone at any learning rate (bench/heal_sweep.py, BENCHMARKS.md). The pipeline keeps the result
+only if the validation-slice perplexity improved.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from linearize.architectures import decoder_layers, get_architecture
 from linearize.capture import hooked, iterate_batches, layer_io
 
 log = logging.getLogger(__name__)
+
+NEIGHBOUR_LAYERS = 4
+DEFAULT_LR = 1e-3
 
 
 @dataclass
@@ -73,6 +79,23 @@ def capture_teacher(
             if on_batch is not None:
                 on_batch(len(batch))
     return TeacherCache(start, torch.cat(inputs), torch.cat(finals))
+
+
+def healing_params(model, carriers: list, neighbours: int = NEIGHBOUR_LAYERS) -> list:
+    """The maps' carriers plus the weight matrices (ndim 2) of the `neighbours` decoder layers
+    from each cut on, a cut being a layer that holds a carrier (the fold target or the block)."""
+    layers = decoder_layers(model)
+    carrier_ids = {id(p) for p in carriers}
+    cuts = [
+        i for i, layer in enumerate(layers) if carrier_ids & {id(p) for p in layer.parameters()}
+    ]
+    chosen = {id(p): p for p in carriers}
+    for cut in cuts:
+        for layer in layers[cut : cut + neighbours]:
+            for p in layer.parameters():
+                if p.ndim == 2:
+                    chosen.setdefault(id(p), p)
+    return list(chosen.values())
 
 
 def logit_metric(model) -> torch.Tensor:
@@ -138,17 +161,24 @@ def heal(
     *,
     max_steps: int,
     max_seconds: float,
-    lr: float = 3e-4,
+    lr: float = DEFAULT_LR,
     batch_size: int = 1,
     seed: int = 0,
+    loss_fn=None,
     on_step=None,
 ) -> HealingResult:
-    """Adam on `params` only, minimising the centred-logit MSE at the final hidden state.
+    """Adam on `params` only, minimising the centred-logit MSE at the final hidden state
+    (or `loss_fn(h_student, h_teacher)`, for experiments such as bench/heal_sweep.py's KL).
 
     Stops at `max_steps` or after `max_seconds`, whichever comes first. The caller judges the
     result on the validation slice (and may restore a snapshot taken before).
     """
-    metric = logit_metric(model)
+    if loss_fn is None:
+        metric = logit_metric(model)
+
+        def loss_fn(h_student, h_teacher):
+            return centred_logit_mse(h_student, h_teacher, metric)
+
     was_trainable = [p for p in model.parameters() if p.requires_grad]
     for p in was_trainable:
         p.requires_grad_(False)
@@ -166,9 +196,7 @@ def heal(
                 injector.hidden = cache.inputs[pick].to(device)
                 with _autocast(device):
                     out = model.base_model(input_ids=windows[pick].to(device), use_cache=False)
-                loss = centred_logit_mse(
-                    out.last_hidden_state.float(), cache.finals[pick].to(device), metric
-                )
+                loss = loss_fn(out.last_hidden_state.float(), cache.finals[pick].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -116,7 +116,12 @@ class _Job:
 
         self.text()
         with self.timed("load"), self.progress.stage("load", total=1, message=source):
-            return load_model(source, dtype=self.spec.dtype, device=self.spec.device)
+            return load_model(
+                source,
+                dtype=self.spec.dtype,
+                device=self.spec.device,
+                use_cache=getattr(self.spec, "use_cache", True),
+            )
 
     def windows(self, tokenizer, eval_tokens: int | None):
         from linearize.data import build_windows
@@ -213,6 +218,10 @@ class _Job:
         healing = self.healing_budget()
         teacher = self.capture_teacher(model, windows, indices) if healing else None
         params = self.replace(model, windows, indices)
+        if healing:
+            from linearize.healing import healing_params
+
+            params = healing_params(model, params)
         before_healing = None
         if healing:
             before_healing, selection["healing"] = self.heal(
@@ -318,7 +327,7 @@ class _Job:
 
     def heal(self, model, windows, teacher, params, budget):
         """Distil the maps; keep the result only if the validation perplexity improved."""
-        from linearize.healing import heal, restore, snapshot
+        from linearize.healing import DEFAULT_LR, heal, restore, snapshot
 
         max_steps, max_seconds = budget
         val_before = self.perplexity(model, windows.validation, "healing_validation", "heal")
@@ -332,6 +341,7 @@ class _Job:
                 params,
                 max_steps=max_steps,
                 max_seconds=max_seconds,
+                lr=DEFAULT_LR,
                 seed=self.spec.seed,
                 on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
             )

@@ -5,7 +5,14 @@ import torch
 from tiny_models import build_tiny_model
 
 from linearize.architectures import decoder_layers
-from linearize.healing import capture_teacher, centred_logit_mse, heal, logit_metric, suffix_stack
+from linearize.healing import (
+    capture_teacher,
+    centred_logit_mse,
+    heal,
+    healing_params,
+    logit_metric,
+    suffix_stack,
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
@@ -54,3 +61,37 @@ def test_healing_lowers_the_distillation_loss_of_a_damaged_block():
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == ["model.layers.2.mlp.down_proj.weight"]  # everything else frozen
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_healing_trains_the_carriers_and_the_weight_matrices_of_the_next_layers_only():
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    model = build_tiny_model("llama", initializer_range=0.2)
+    cache = capture_teacher(model, ids, start=1)
+    layers = decoder_layers(model)
+    carrier = layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        carrier.mul_(0.5)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    params = healing_params(model, [carrier], neighbours=2)
+    assert sum(p is carrier for p in params) == 1  # listed once
+    heal(model, cache, ids, params, max_steps=3, max_seconds=60)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    expected = {
+        f"model.layers.{i}.{name}.weight"
+        for i in (1, 2)
+        for name in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        )
+    }  # fmt: skip
+    assert changed == expected  # norms, other layers, embeddings frozen
+
+
+def test_every_cut_gets_its_neighbours():
+    model = build_tiny_model("llama")
+    layers = decoder_layers(model)
+    carriers = [layers[0].mlp.down_proj.weight, layers[3].mlp.down_proj.weight]
+    chosen = {id(p) for p in healing_params(model, carriers, neighbours=2)}
+    trained = [i for i, layer in enumerate(layers) if chosen & {id(p) for p in layer.parameters()}]
+    assert trained == [0, 1, 3, 4]
+    assert not any(id(p) in chosen for p in layers[0].input_layernorm.parameters())
