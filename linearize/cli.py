@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache",
         action="store_true",
-        help="recompute the baseline and the analysis instead of reusing the cache",
+        help="recompute the baseline, the analysis and a GGUF conversion instead of reusing the cache",
     )
     p.add_argument(
         "--heal-seconds", type=float, metavar="S", help="healing time budget; default 60 s"

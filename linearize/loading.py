@@ -60,18 +60,23 @@ def torch_dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def load_model(source: str, *, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
-    """Load any supported source in its own dtype (GGUF dequantizes to float32)."""
+def load_model(
+    source: str, *, dtype: str = "auto", device: str = "cpu", use_cache: bool = True
+) -> LoadedModel:
+    """Load any supported source in its own dtype (GGUF dequantizes to float32).
+
+    With `use_cache`, a GGUF file is converted once and read back from linearize.cache after.
+    """
     if source in BUNDLED_ALIASES:
         gguf = bundled_gguf_path(source)
-        loaded = _load_gguf(gguf, dtype)
+        loaded = _load_gguf(gguf, dtype, use_cache)
         loaded.source, loaded.kind = source, "alias"
     else:
         path = Path(source).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelSourceError(f"GGUF file not found: {path}")
-            loaded = _load_gguf(path, dtype)
+            loaded = _load_gguf(path, dtype, use_cache)
         elif path.is_dir():
             loaded = _load_directory(path, dtype)
         elif source.startswith((".", "/", "~")) or path.suffix:
@@ -83,11 +88,18 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "cpu") -> Load
     return loaded
 
 
-def _load_gguf(path: Path, dtype: str) -> LoadedModel:
+def _load_gguf(path: Path, dtype: str, use_cache: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linearize import cache
 
     kwargs = {"gguf_file": path.name}
     dt = torch_dtype(dtype)
+    key = cache.gguf_key(path) if use_cache else None
+    converted = cache.load_converted_gguf(key, dt) if key else None
+    if converted is not None:
+        log.info("read the converted GGUF model from the cache (%s)", key)
+        return LoadedModel(*converted, str(path), "gguf")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -97,6 +109,8 @@ def _load_gguf(path: Path, dtype: str) -> LoadedModel:
         raise ModelSourceError(f"GGUF loading needs the `gguf` package: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load GGUF file {path}: {exc}") from exc
+    if key:
+        cache.save_converted_gguf(key, model, tokenizer)
     return LoadedModel(model, tokenizer, str(path), "gguf")
 
 

@@ -47,3 +47,29 @@ def test_bundled_checkpoint_loads_with_plain_transformers(report_and_dir):
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
+
+
+def test_gguf_is_converted_once_and_read_back_identically(tmp_path, monkeypatch):
+    import torch
+
+    from linearize.loading import load_model
+
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_model("smollm2-135m")
+    (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    second = load_model("smollm2-135m")
+    assert second.model.config._name_or_path == str(converted)
+    first_state, second_state = first.model.state_dict(), second.model.state_dict()
+    assert first_state.keys() == second_state.keys()
+    assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
+    text = "Hello world,\n  the 1999 film — ünïcode\ttabs"
+    assert first.tokenizer(text).input_ids == second.tokenizer(text).input_ids
+    # A damaged copy is ignored (and the GGUF converted again), never trusted.
+    for weights in converted.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    third = load_model("smollm2-135m")
+    assert third.model.config._name_or_path != str(converted)
+    assert torch.equal(third.model.state_dict()["lm_head.weight"], first_state["lm_head.weight"])
+    fourth = load_model("smollm2-135m")  # ... and replaced by a good copy
+    assert fourth.model.config._name_or_path == str(converted)
+    assert torch.equal(fourth.model.state_dict()["lm_head.weight"], first_state["lm_head.weight"])
