@@ -7,7 +7,7 @@ written atomically; a corrupt or foreign entry is ignored, never trusted.
 
 GGUF files are also cached in converted form (safetensors + tokenizer, keyed by the file's
 sha256 and the transformers version): dequantizing and rebuilding the tokenizer costs ~30 s on
-2 cores for the bundled 135M model, reading the converted copy ~2 s.
+2 cores for the bundled 135M model, reading the converted copy under 1 s.
 
 Location: $LINEARIZE_CACHE_DIR, else ~/.cache/linearize. `--no-cache` / `use_cache=False` skips it.
 """

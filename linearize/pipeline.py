@@ -218,12 +218,11 @@ class _Job:
         healing = self.healing_budget()
         teacher = self.capture_teacher(model, windows, indices) if healing else None
         params = self.replace(model, windows, indices)
+        before_healing = None
         if healing:
             from linearize.healing import healing_params
 
             params = healing_params(model, params)
-        before_healing = None
-        if healing:
             before_healing, selection["healing"] = self.heal(
                 model, windows, teacher, params, healing
             )
