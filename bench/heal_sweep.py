@@ -38,14 +38,11 @@ from linearize.pipeline import _Job  # noqa: E402
 from linearize.progress import Progress  # noqa: E402
 
 VARIANTS = (
-    "maps/3e-4",
-    "maps/1e-3",
+    "maps/3e-4",  # the previous default
     "maps/3e-3",
     "maps+2/1e-3",
-    "maps+4/1e-3",
-    "maps+4/3e-4",
+    "maps+4/1e-3",  # the default (linearize.healing)
     "suffix/1e-4",
-    "maps/3e-3+kl",
     "maps+4/3e-4+kl",
 )
 
