@@ -38,7 +38,7 @@ from linearize.capture import hooked, iterate_batches, layer_io
 log = logging.getLogger(__name__)
 
 NEIGHBOUR_LAYERS = 4
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 3e-4
 
 
 @dataclass
