@@ -41,7 +41,7 @@ VARIANTS = (
     "maps/3e-4",  # the previous default
     "maps/3e-3",
     "maps+2/1e-3",
-    "maps+4/1e-3",  # the default (linearize.healing)
+    "maps+4/1e-3",  # the first choice; the default is maps+4/3e-4 (see BENCHMARKS.md)
     "suffix/1e-4",
     "maps+4/3e-4+kl",
 )

@@ -142,13 +142,13 @@ def save_converted_gguf(key: str, model, tokenizer) -> None:
     """Write the converted model atomically (staging dir + rename); never fails the job."""
     import shutil
 
-    from linearize.checkpoint import _serializable
+    from linearize.checkpoint import serializable_model
 
     root = cache_dir() / "gguf"
     staging = root / f".{key}.{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir(parents=True)
-        _serializable(model).save_pretrained(staging)
+        serializable_model(model).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "complete").write_text(key)
         if not (root / key).exists():

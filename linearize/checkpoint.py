@@ -114,7 +114,7 @@ def stage_checkpoint(
     staging = output_dir.parent / f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        fmt = _write_model(_serializable(model), staging, shard_size=shard_size)
+        fmt = _write_model(serializable_model(model), staging, shard_size=shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _write_manifest(staging, model, fmt, resolved_spec)
@@ -210,7 +210,7 @@ def checkpoint_format_of(model: nn.Module) -> str:
     )
 
 
-def _serializable(model: nn.Module) -> nn.Module:
+def serializable_model(model: nn.Module) -> nn.Module:
     """A model save_pretrained accepts.
 
     Models loaded from GGUF carry a quantization_config and save_pretrained refuses them even

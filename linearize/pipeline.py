@@ -326,7 +326,7 @@ class _Job:
 
     def heal(self, model, windows, teacher, params, budget):
         """Distil the maps; keep the result only if the validation perplexity improved."""
-        from linearize.healing import DEFAULT_LR, heal, restore, snapshot
+        from linearize.healing import heal, restore, snapshot
 
         max_steps, max_seconds = budget
         val_before = self.perplexity(model, windows.validation, "healing_validation", "heal")
@@ -340,7 +340,6 @@ class _Job:
                 params,
                 max_steps=max_steps,
                 max_seconds=max_seconds,
-                lr=DEFAULT_LR,
                 seed=self.spec.seed,
                 on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
             )
