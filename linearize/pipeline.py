@@ -360,9 +360,10 @@ class _Job:
     def select(self, model, windows, analysis, baseline_val: float, n_layers: int):
         from linearize.selection import (
             check_indices,
+            max_budget,
             rank_layers,
             search_largest_budget,
-            select_top,
+            select_window,
         )
 
         spec = self.spec
@@ -374,8 +375,9 @@ class _Job:
         }
         if spec.indices is not None:
             return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
+        info["rule"] = "the k adjacent layers with the highest total ranking signal (one span)"
         if spec.layers is not None:
-            return select_top(scores, spec.layers, n_layers), {**info, "mode": "layers"}
+            return select_window(scores, spec.layers, n_layers), {**info, "mode": "layers"}
 
         def increase_for(indices: list[int]) -> float:
             trial = copy.deepcopy(model)
@@ -385,9 +387,10 @@ class _Job:
             return 100 * (ppl / baseline_val - 1)
 
         with self.timed("select"):
-            best, trace = search_largest_budget(
-                info["ranking"], spec.target_ppl_increase, increase_for
-            )
+            choices = [
+                select_window(scores, k, n_layers) for k in range(1, max_budget(n_layers) + 1)
+            ]
+            best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
         if not best:
             raise InputError(
                 f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
@@ -397,8 +400,8 @@ class _Job:
             **info,
             "mode": "target_ppl_increase",
             "search": (
-                "binary search on k along the ranking; each trial is fitted without healing "
-                "and measured on the validation slice"
+                "binary search on k, each k's best window of adjacent layers; each trial is "
+                "fitted without healing and measured on the validation slice"
             ),
             "trace": trace,
         }

@@ -11,6 +11,7 @@ from api_schemas import AnalyzeSpec, CompressSpec, DataSpec
 from linearize import pipeline
 from linearize.data import find_wikitext
 from linearize.errors import BudgetError, Cancelled, OutputExistsError
+from linearize.selection import select_window
 
 SMALL = dict(calib_tokens=2048, seq_len=128)
 
@@ -45,8 +46,11 @@ def test_compress_writes_a_checkpoint_that_reloads_to_the_same_perplexity(
     ppl = report.perplexity
     assert ppl.reloaded == pytest.approx(ppl.compressed, rel=1e-5)
     assert ppl.increase_pct == pytest.approx(100 * (ppl.compressed / ppl.baseline - 1))
-    assert len(report.replaced_layers) == 2
+    first, second = report.replaced_layers
+    assert second == first + 1, "the default replaces one span of adjacent layers"
     assert 0 not in report.replaced_layers and 5 not in report.replaced_layers
+    scores = [1 - row.validation_error for row in report.linearity]
+    assert report.replaced_layers == select_window(scores, 2, 6)
     assert len(report.linearity) == 6
     saved = json.loads((out / "report.json").read_text())
     assert saved["schema_version"] == "1.0" and saved["format"] == fmt
