@@ -74,7 +74,9 @@ class CompressSpec(_JobBase):
     """Replace layers by fitted linear maps (or remove them and fold), evaluate, save."""
 
     kind: Literal["compress"] = "compress"
-    layers: int | None = Field(None, description="Number of layers to replace.")
+    layers: int | None = Field(
+        None, description="Number of layers to replace: the best-scoring window of adjacent layers."
+    )
     indices: list[int] | None = Field(None, description="Explicit original layer indices.")
     target_ppl_increase: float | None = Field(
         None, gt=0, description="Replace as many layers as keep the validation increase <= P %."

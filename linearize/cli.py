@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="replace layers by linear maps, evaluate, save")
     _common(p)
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--layers", type=int, help="number of layers to replace")
+    budget.add_argument(
+        "--layers", type=int, help="number of layers to replace (the best window of adjacent ones)"
+    )
     budget.add_argument("--indices", help="comma-separated original layer indices, e.g. 12,13,14")
     budget.add_argument(
         "--target-ppl-increase",

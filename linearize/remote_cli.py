@@ -43,7 +43,9 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--dataset-id", help="a dataset already uploaded")
     p.add_argument("--text-field", default=None)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--layers", type=int, help="number of layers to replace")
+    budget.add_argument(
+        "--layers", type=int, help="number of layers to replace (the best window of adjacent ones)"
+    )
     budget.add_argument("--indices", help="comma-separated original layer indices")
     budget.add_argument("--target-ppl-increase", type=float, metavar="P")
     p.add_argument(
