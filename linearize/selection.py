@@ -44,9 +44,9 @@ def select_window(scores: Sequence[float], k: int, n_layers: int) -> list[int]:
     """The k adjacent layers among 1..L-2 with the highest total score (the earliest on a tie).
 
     Adjacent layers become one span: one map, one carrier, one cut for healing. On the bundled
-    model this beat the top k scattered over two or more spans at every budget measured, after
-    healing (BENCHMARKS.md: k=2 [14, 15] +9.6% vs [12, 15] +10.7%, OOD +16.1% vs +20.3%;
-    k=4 [12..15] +24.1% vs [12, 13, 16, 17] +31.0%).
+    model, after healing, this beat the same budget scattered over two or more spans at both
+    budgets measured (BENCHMARKS.md: k=2 [14, 15] +9.6% vs [12, 15] +10.7%, OOD +16.1% vs
+    +20.3%; k=4 [12..15] +24.1% vs [12, 13, 16, 17] +31.0%).
     """
     check_layer_budget(k, n_layers)
     first = max(range(1, n_layers - k), key=lambda start: sum(scores[start : start + k]))
