@@ -8,6 +8,8 @@ Same model, windows and fitted maps for every variant (the default selection and
   maps+N/LR        ... plus every weight matrix of the N decoder layers from the cut
   suffix/LR        ... plus every weight matrix of all layers after the cut
   +kl              KL(teacher || student) on the full logits instead of the centred-logit MSE
+  +decay           the learning rate falls linearly to zero over the budget
+  +decayNN         ... over its last NN percent only (constant before)
 
     python bench/heal_sweep.py --data ../shared/data/wikitext-2-raw/wiki.test.raw
 
@@ -30,6 +32,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402  (bench/machine.py, beside this script)
+
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import healing  # noqa: E402
 from linearize.architectures import decoder_layers  # noqa: E402
@@ -48,13 +52,22 @@ VARIANTS = (
 
 
 def parse_variant(name: str, n_layers: int) -> dict:
-    """'maps+4/1e-3+kl' -> 4 neighbour layers, lr 1e-3, KL loss."""
-    head, kl = name.removesuffix("+kl"), name.endswith("+kl")
-    params, lr = head.split("/")
+    """'maps+4/1e-3+kl+decay30' -> 4 neighbour layers, lr 1e-3, KL, decay over the last 30%."""
+    params, rest = name.split("/")
+    lr, *flags = rest.split("+")
     neighbours = {"maps": 0, "suffix": n_layers}.get(params)
     if neighbours is None:
         neighbours = int(params.removeprefix("maps+"))
-    return {"neighbours": neighbours, "lr": float(lr), "kl": kl}
+    decay = 0.0
+    for flag in flags:
+        percent = flag.removeprefix("decay")
+        if flag.startswith("decay") and (
+            percent == "" or percent.isdigit() and 0 < int(percent) <= 100
+        ):
+            decay = int(percent or 100) / 100
+        elif flag != "kl":
+            raise SystemExit(f"unknown variant flag {flag!r} in {name!r}")
+    return {"neighbours": neighbours, "lr": float(lr), "kl": "kl" in flags, "decay": decay}
 
 
 def kl_loss(model):
@@ -114,6 +127,7 @@ def main() -> None:
             max_seconds=args.seconds,
             lr=variant["lr"],
             loss_fn=kl_loss(model) if variant["kl"] else None,
+            decay=variant["decay"],
         )
         row = measure(name, model, windows, baseline, baseline_val, result)
         row["trained_params"] = sum(p.numel() for p in params)
@@ -127,6 +141,7 @@ def main() -> None:
         "eval_tokens": args.eval_tokens,
         "seconds": args.seconds,
         "threads": torch.get_num_threads(),
+        "machine": machine.describe(),
         "date": time.strftime("%Y-%m-%d"),
         "baseline": baseline,
         "rows": rows,

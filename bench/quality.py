@@ -38,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402  (bench/machine.py, beside this script)
+
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import pipeline  # noqa: E402
 from linearize.analysis import analyze  # noqa: E402
@@ -247,7 +249,7 @@ def main() -> None:
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{torch.get_num_threads()} threads, CPU",
+        "machine": machine.describe(),
         "command": " ".join(sys.argv),
         "baseline": baseline,
         "rows": rows,

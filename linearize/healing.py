@@ -165,14 +165,22 @@ def heal(
     batch_size: int = 1,
     seed: int = 0,
     loss_fn=None,
+    decay: float = 0.0,
     on_step=None,
 ) -> HealingResult:
     """Adam on `params` only, minimising the centred-logit MSE at the final hidden state
     (or `loss_fn(h_student, h_teacher)`, for experiments such as bench/heal_sweep.py's KL).
 
-    Stops at `max_steps` or after `max_seconds`, whichever comes first. The caller judges the
-    result on the validation slice (and may restore a snapshot taken before).
+    Stops at `max_steps` or after `max_seconds`, whichever comes first. With `decay` > 0 the
+    learning rate falls linearly to zero over that last fraction of the budget (1: from the
+    start), the budget spent being the larger of the step and the time fractions, so a
+    time-bound run decays on any machine. The caller judges the result on the validation slice
+    (and may restore a snapshot taken before).
     """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(
+            f"decay is the fraction of the budget to decay over, in [0, 1]; got {decay}"
+        )
     if loss_fn is None:
         metric = logit_metric(model)
 
@@ -199,6 +207,11 @@ def heal(
                 loss = loss_fn(out.last_hidden_state.float(), cache.finals[pick].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if decay:
+                    elapsed = time.perf_counter() - started
+                    optimizer.param_groups[0]["lr"] = decayed_lr(
+                        lr, len(losses), max_steps, elapsed, max_seconds, decay
+                    )
                 optimizer.step()
                 losses.append(loss.item())
                 if on_step is not None:
@@ -216,6 +229,15 @@ def heal(
         train_loss_first=losses[0] if losses else math.nan,
         train_loss_last=sum(tail) / len(tail) if tail else math.nan,
     )
+
+
+def decayed_lr(
+    lr: float, step: int, max_steps: int, elapsed: float, max_seconds: float, tail: float = 1.0
+) -> float:
+    """`lr` until the last `tail` fraction of the budget, then linear decay to zero; the budget
+    spent is the larger of the step and the time fractions (whichever limit stops the run)."""
+    left = 1.0 - max(step / max_steps, elapsed / max_seconds)
+    return lr * min(1.0, max(0.0, left) / tail)
 
 
 def _autocast(device: torch.device):

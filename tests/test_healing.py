@@ -8,6 +8,7 @@ from linearize.architectures import decoder_layers
 from linearize.healing import (
     capture_teacher,
     centred_logit_mse,
+    decayed_lr,
     heal,
     healing_params,
     logit_metric,
@@ -95,3 +96,32 @@ def test_every_cut_gets_its_neighbours():
     trained = [i for i, layer in enumerate(layers) if chosen & {id(p) for p in layer.parameters()}]
     assert trained == [0, 1, 3, 4]
     assert not any(id(p) in chosen for p in layers[0].input_layernorm.parameters())
+
+
+def test_decay_follows_whichever_budget_runs_out_first():
+    assert decayed_lr(1e-3, 0, 100, 0.0, 60.0) == 1e-3  # the first step at the full rate
+    assert decayed_lr(1e-3, 25, 100, 6.0, 60.0) == pytest.approx(7.5e-4)  # steps lead
+    assert decayed_lr(1e-3, 10, 100, 45.0, 60.0) == pytest.approx(2.5e-4)  # time leads
+    assert decayed_lr(1e-3, 99, 100, 1.0, 60.0) == pytest.approx(1e-5)  # the last step
+    assert decayed_lr(1e-3, 5, 100, 61.0, 60.0) == 0.0  # past the deadline: never negative
+    assert decayed_lr(1e-3, 50, 100, 0.0, 60.0, tail=0.3) == 1e-3  # constant before the tail
+    assert decayed_lr(1e-3, 85, 100, 0.0, 60.0, tail=0.3) == pytest.approx(5e-4)  # half-way down
+
+
+def test_decayed_healing_moves_the_weights_less_late_than_early():
+    """The same gradients at a falling rate: the last step changes the carrier least."""
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+    model = build_tiny_model("llama", initializer_range=0.2)
+    cache = capture_teacher(model, ids, start=1)
+    carrier = decoder_layers(model)[1].mlp.down_proj.weight
+    with torch.no_grad():
+        carrier.mul_(0.5)
+    trail = []
+    heal(
+        model, cache, ids, [carrier], max_steps=8, max_seconds=600, lr=1e-2, decay=1.0,
+        on_step=lambda step, loss: trail.append(carrier.detach().clone()),
+    )  # fmt: skip
+    moves = [(b - a).abs().max().item() for a, b in zip(trail, trail[1:], strict=False)]
+    assert moves[-1] < 0.4 * moves[0]  # Adam's step size ~ lr: 1/8 of the rate vs 7/8
+    with pytest.raises(ValueError, match="fraction of the budget"):
+        heal(model, cache, ids, [carrier], max_steps=1, max_seconds=60, decay=1.5)
