@@ -15,10 +15,11 @@ import torch
 def describe() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, CUDA"
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads, CPU"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, CPU"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

@@ -162,6 +162,7 @@ def write_json(result: dict, name: str, extra_path: str | None) -> None:
 
 
 def environment() -> dict:
+    import machine  # bench/machine.py, beside this script
     import torch
     import transformers
 
@@ -171,6 +172,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": platform.machine(),
+        "cpu": machine.cpu_model(),
         "cpus": os.cpu_count(),
         "load_before": load_note(),
         "torch_threads": torch.get_num_threads(),

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
+import machine  # bench/machine.py, beside this script
 import torch
 
 log = logging.getLogger("bench.regularizer")
@@ -178,7 +178,7 @@ def main() -> None:
     probe = byte_windows(eval_text, args.eval_windows + args.probe_windows, args.seq_len)
     probe = probe[args.eval_windows :]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "machine": machine.describe(),
         "data": f"{path} (train: first half by characters; eval/probe: second half), bytes",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "regularizer": "R = weight * mean_{layers,tokens} cos(h_l, h_{l+1}); weight>0 pushes apart",
