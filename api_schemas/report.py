@@ -61,12 +61,23 @@ class LayerLinearity(_Model):
 
 class Perplexity(_Model):
     baseline: float
-    compressed: float | None = None
-    reloaded: float | None = None
+    compressed: float | None = Field(
+        None,
+        description="Evaluation windows, the compressed checkpoint reloaded from disk (the model "
+        "that is published, measured once).",
+    )
+    reloaded: float | None = Field(None, description="The same figure as `compressed`.")
     before_healing: float | None = None
     increase_pct: float | None = None
     validation_baseline: float | None = None
-    validation_compressed: float | None = None
+    validation_compressed: float | None = Field(
+        None, description="Validation slice, the compressed model in memory."
+    )
+    validation_reloaded: float | None = Field(
+        None,
+        description="Validation slice, the reloaded checkpoint: must match validation_compressed "
+        "within 0.5% (the reload check).",
+    )
     definition: str = PERPLEXITY_DEFINITION
 
 

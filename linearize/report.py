@@ -86,6 +86,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
             "reloaded",
             "validation_baseline",
             "validation_compressed",
+            "validation_reloaded",
             "increase_pct",
         ):
             value = getattr(report.perplexity, key)

@@ -7,10 +7,10 @@ import torch
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from api_schemas import AnalyzeSpec, CompressSpec, DataSpec
+from api_schemas import AnalyzeSpec, CompressSpec, DataSpec, EvalSpec
 from linearize import pipeline
 from linearize.data import find_wikitext
-from linearize.errors import BudgetError, Cancelled, OutputExistsError
+from linearize.errors import BudgetError, Cancelled, OutputExistsError, VerificationError
 from linearize.selection import select_window
 
 SMALL = dict(calib_tokens=2048, seq_len=128)
@@ -44,8 +44,11 @@ def test_compress_writes_a_checkpoint_that_reloads_to_the_same_perplexity(
     out = tmp_path / "out"
     report = pipeline.run(compress_spec(tiny_llama, data, layers=2, format=fmt), output_dir=out)
     ppl = report.perplexity
-    assert ppl.reloaded == pytest.approx(ppl.compressed, rel=1e-5)
+    assert ppl.validation_reloaded == pytest.approx(ppl.validation_compressed, rel=1e-5)
     assert ppl.increase_pct == pytest.approx(100 * (ppl.compressed / ppl.baseline - 1))
+    # The reported figure is the published checkpoint's: an independent eval job agrees.
+    again = pipeline.run(EvalSpec(model=str(out), data=data, eval_tokens=1024, seq_len=128))
+    assert again.perplexity.baseline == pytest.approx(ppl.compressed, rel=1e-5)
     first, second = report.replaced_layers
     assert second == first + 1, "the default replaces one span of adjacent layers"
     assert 0 not in report.replaced_layers and 5 not in report.replaced_layers
@@ -101,6 +104,27 @@ def test_target_ppl_increase_searches_and_reports_its_trace(tiny_llama, data, tm
     assert chosen and chosen[0]["validation_increase_pct"] <= 5.0
     failing = [t for t in trace if not t["passed"]]
     assert all(t["k"] > len(report.replaced_layers) for t in failing)
+
+
+def test_a_checkpoint_that_does_not_reload_to_the_same_model_is_not_published(
+    tiny_llama, data, tmp_path, monkeypatch
+):
+    import linearize.checkpoint
+
+    real_load = linearize.checkpoint.load
+
+    def corrupted_load(path, **kw):
+        model = real_load(path, **kw)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(1.5)  # what a bad save would do
+        return model
+
+    monkeypatch.setattr(linearize.checkpoint, "load", corrupted_load)
+    out = tmp_path / "out"
+    with pytest.raises(VerificationError, match="validation perplexity"):
+        pipeline.run(compress_spec(tiny_llama, data, layers=2), output_dir=out)
+    assert not out.exists() or not any(out.iterdir()), "a failed check must publish nothing"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
 
 
 def test_gate_failure_still_writes_artifacts(tiny_llama, data, tmp_path):
