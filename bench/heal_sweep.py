@@ -10,6 +10,10 @@ Same model, windows and fitted maps for every variant (the default selection and
   +kl              KL(teacher || student) on the full logits instead of the centred-logit MSE
   +decay           the learning rate falls linearly to zero over the budget
   +decayNN         ... over its last NN percent only (constant before)
+  +norms           the RMSNorm gains of the same layers train too
+  +midX            plus X times a hidden-state loss right after the healed layers: the relative
+                   squared error of the RMS-normalised residual stream against the teacher's at
+                   the same depth (the teacher's layer N + k for the student's layer N)
 
     python bench/heal_sweep.py --data ../shared/data/wikitext-2-raw/wiki.test.raw
 
@@ -20,8 +24,11 @@ an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -58,16 +65,61 @@ def parse_variant(name: str, n_layers: int) -> dict:
     neighbours = {"maps": 0, "suffix": n_layers}.get(params)
     if neighbours is None:
         neighbours = int(params.removeprefix("maps+"))
-    decay = 0.0
+    decay, mid = 0.0, 0.0
     for flag in flags:
         percent = flag.removeprefix("decay")
         if flag.startswith("decay") and (
             percent == "" or percent.isdigit() and 0 < int(percent) <= 100
         ):
             decay = int(percent or 100) / 100
-        elif flag != "kl":
+        elif flag.startswith("mid"):
+            mid = float(flag.removeprefix("mid"))
+        elif flag not in ("kl", "norms"):
             raise SystemExit(f"unknown variant flag {flag!r} in {name!r}")
-    return {"neighbours": neighbours, "lr": float(lr), "kl": "kl" in flags, "decay": decay}
+    return {
+        "neighbours": neighbours,
+        "lr": float(lr),
+        "kl": "kl" in flags,
+        "norms": "norms" in flags,
+        "decay": decay,
+        "mid": mid,
+    }
+
+
+def with_norms(model, params: list, start: int, neighbours: int) -> list:
+    """`params` plus the 1-D parameters (norm gains) of layers [start, start + neighbours)."""
+    extra = [
+        p for layer in decoder_layers(model)[start : start + neighbours] for p in layer.parameters()
+    ]
+    return params + [p for p in extra if p.ndim == 1]
+
+
+def rms_normalised(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class MidLoss:
+    """Final-state loss + weight x the relative error of the student's normalised residual
+    stream entering `position` against the teacher's. The teacher's mid states ride along in the
+    cache's `finals` (concatenated on the feature axis), because heal() hands the loss function
+    only (student final, teacher final) for the windows it picked."""
+
+    def __init__(self, model, position: int, weight: float, final_loss):
+        self.layer = decoder_layers(model)[position]
+        self.weight, self.final_loss = weight, final_loss
+        self.captured = None
+        self.last_mid = math.nan
+
+    def __call__(self, h_student, h_teacher_and_mid):
+        d = h_student.shape[-1]
+        final_t, mid_t = h_teacher_and_mid[..., :d], h_teacher_and_mid[..., d:]
+        diff = rms_normalised(self.captured.float()) - rms_normalised(mid_t)
+        mid = (diff.pow(2).sum(-1) / d).mean()
+        self.last_mid = mid.item()
+        return self.final_loss(h_student, final_t) + self.weight * mid
+
+    def capture(self, _module, args, kwargs):
+        self.captured = args[0] if args else kwargs["hidden_states"]
 
 
 def kl_loss(model):
@@ -111,6 +163,13 @@ def main() -> None:
     n_layers = len(decoder_layers(model))
     indices, _ = job.select(model, windows, analysis, baseline_val, n_layers)
     teacher = job.capture_teacher(model, windows, indices)
+    mids = [parse_variant(v, n_layers)["mid"] for v in args.variants.split(",")]
+    if any(mids):  # the teacher's residual stream after the healed layers (see MidLoss)
+        mid_position = teacher.start + healing.NEIGHBOUR_LAYERS
+        deeper = healing.capture_teacher(model, windows.fit, mid_position + len(indices))
+        mid_teacher = healing.TeacherCache(
+            teacher.start, teacher.inputs, torch.cat([teacher.finals, deeper.inputs], -1)
+        )
     carriers = job.replace(model, windows, indices)
     fitted = copy.deepcopy(model.state_dict())
     rows = [measure("fitted (no healing)", model, windows, baseline, baseline_val, None)]
@@ -118,17 +177,30 @@ def main() -> None:
         model.load_state_dict(fitted)
         variant = parse_variant(name, n_layers)
         params = healing.healing_params(model, carriers, variant["neighbours"])
-        result = healing.heal(
-            model,
-            teacher,
-            windows.fit,
-            params,
-            max_steps=10**9,
-            max_seconds=args.seconds,
-            lr=variant["lr"],
-            loss_fn=kl_loss(model) if variant["kl"] else None,
-            decay=variant["decay"],
-        )
+        if variant["norms"]:
+            params = with_norms(model, params, teacher.start, variant["neighbours"])
+        loss_fn = kl_loss(model) if variant["kl"] else None
+        cache, hook = teacher, contextlib.nullcontext()
+        if variant["mid"]:
+            metric = healing.logit_metric(model)
+            final = loss_fn or functools.partial(healing.centred_logit_mse, metric=metric)
+            loss_fn = MidLoss(model, mid_position, variant["mid"], final)
+            cache = mid_teacher
+            hook = pre_hook(loss_fn.layer, loss_fn.capture)
+        with hook:
+            result = healing.heal(
+                model,
+                cache,
+                windows.fit,
+                params,
+                max_steps=10**9,
+                max_seconds=args.seconds,
+                lr=variant["lr"],
+                loss_fn=loss_fn,
+                decay=variant["decay"],
+            )
+        if variant["mid"]:
+            print(f"  last mid loss {loss_fn.last_mid:.4f} (weight {variant['mid']})")
         row = measure(name, model, windows, baseline, baseline_val, result)
         row["trained_params"] = sum(p.numel() for p in params)
         rows.append(row)
@@ -151,6 +223,15 @@ def main() -> None:
     print(f"\nlayers {indices}, {args.seconds:.0f} s per variant, baseline {baseline:.3f}")
     for row in rows:
         print_row(row)
+
+
+@contextlib.contextmanager
+def pre_hook(module, fn):
+    handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def measure(name, model, windows, baseline, baseline_val, result) -> dict:
