@@ -1,8 +1,9 @@
 """The one entry point: the CLI and the Celery worker both call `run(spec, ...)`.
 
 Data flow of a compression (ARCHITECTURE.md): spec -> model -> windows (fit / validation /
-eval, disjoint) -> baseline perplexity -> analysis -> selection -> fit -> surgery -> perplexity
--> staged checkpoint -> reload from disk and re-measure -> report -> atomic publish.
+eval, disjoint) -> baseline perplexity -> analysis -> selection -> fit -> surgery -> healing
+(validation perplexity before and after) -> staged checkpoint -> reload from disk, check it on the
+validation slice, measure it on the eval windows -> report -> atomic publish.
 Only the progress sink differs between callers (terminal bars vs job events).
 """
 
