@@ -50,7 +50,7 @@ def summary_lines(report: Report) -> list[str]:
         else:
             lines.append(
                 f"perplexity {p.baseline:.3f} -> {p.compressed:.3f} "
-                f"({p.increase_pct:+.1f}%), reloaded {p.reloaded or float('nan'):.3f}"
+                f"({p.increase_pct:+.1f}%; the checkpoint, reloaded from disk)"
             )
     t = report.throughput
     if t is not None and t.tokens_per_s_after:
