@@ -36,9 +36,15 @@ import machine  # noqa: E402  (bench/machine.py, beside this script)
 
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize.architectures import decoder_layers, get_architecture  # noqa: E402
-from linearize.capture import hooked, iterate_batches, layer_io, run_decoder  # noqa: E402
+from linearize.capture import (  # noqa: E402
+    PairStats,
+    hooked,
+    iterate_batches,
+    layer_io,
+    run_decoder,
+)
 from linearize.evaluation import evaluate_perplexity  # noqa: E402
-from linearize.fitting import DEFAULT_RIDGE, solve_ridge  # noqa: E402
+from linearize.fitting import DEFAULT_RIDGE, fit_affine  # noqa: E402
 from linearize.pipeline import _Job  # noqa: E402
 from linearize.progress import Progress  # noqa: E402
 from linearize.surgery import AffineMap, OutputFold, fold_and_remove  # noqa: E402
@@ -85,14 +91,14 @@ def fold_rows(model, start: int, end: int, windows) -> tuple[torch.Tensor, torch
 
 
 def fit(x, y, *, ridge=DEFAULT_RIDGE, bias=False, weights=None) -> AffineMap:
+    """The engine's fit (PairStats + fit_affine) on these rows; weights scale the rows by
+    sqrt(w), which is weighted least squares for the fit through the origin."""
     if weights is not None:
         scale = weights.sqrt()[:, None]
         x, y = x * scale, y * scale
-    if not bias:
-        return AffineMap(weight=solve_ridge(x.T @ x, x.T @ y, ridge), bias=None)
-    mx, my = x.mean(0), y.mean(0)
-    weight = solve_ridge((x - mx).T @ (x - mx), (x - mx).T @ (y - my), ridge)
-    return AffineMap(weight=weight, bias=my - mx @ weight)
+    stats = PairStats(x.shape[1], y.shape[1], accumulate_dtype=torch.float64, extras=False)
+    stats.update(x, y)
+    return fit_affine(stats.centered(), ridge=ridge, bias=bias)
 
 
 def variant_map(name: str, x, y) -> AffineMap:
