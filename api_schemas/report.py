@@ -116,6 +116,21 @@ class Gate(_Model):
     rules: list[GateRule]
 
 
+class Execution(_Model):
+    """How the job ran: all layers resident, or streamed one decoder layer at a time."""
+
+    mode: str = Field(..., description="resident | streamed")
+    reason: str = ""
+    device: str
+    memory_budget_bytes: int = Field(..., description="What the job may keep on the device.")
+    weight_bytes: int = Field(..., description="The model's weights in the run dtype.")
+    largest_layer_bytes: int
+    peak_memory_bytes: int = Field(
+        ..., description="Peak GPU memory allocated (CUDA), else the process's peak RSS."
+    )
+    spilled_caches: int = Field(0, description="Activation caches written to disk.")
+
+
 class Report(_Model):
     schema_version: str = REPORT_SCHEMA_VERSION
     kind: str
@@ -130,6 +145,7 @@ class Report(_Model):
     throughput: Throughput | None = None
     data: DataInfo | None = None
     gate: Gate | None = None
+    execution: Execution | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     output_dir: str | None = None

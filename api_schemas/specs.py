@@ -14,6 +14,9 @@ MAX_LAYER_FRACTION_NOTE = "at most L - 2 layers can be replaced (the first and l
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+Streaming = Literal["auto", "on", "off"]
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
+BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
 
 
@@ -60,6 +63,23 @@ class _JobBase(_Frozen):
     dtype: Dtype = "auto"
     device: Device = "auto"
     seed: int = 0
+    memory_budget: str = Field(
+        "auto",
+        pattern=BUDGET_PATTERN,
+        description="What the job may keep on the device (24GB, 12GiB...); auto: what the "
+        "device has free, minus a margin.",
+    )
+    streaming: Streaming = Field(
+        "auto",
+        description="on: run one decoder layer at a time from the shards; off: load the whole "
+        "model; auto: stream when the model does not fit the memory budget.",
+    )
+    host_budget: str | None = Field(
+        None,
+        pattern=SIZE_PATTERN,
+        description="Host memory the activation caches may take before they spill to disk "
+        "under the cache dir (0 spills every cache); default: no limit.",
+    )
     metadata: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
     webhook_url: str | None = Field(None, description="Service only: POSTed on terminal states.")
 

@@ -50,16 +50,36 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def entry_key(model, windows, spec) -> str:
+def shards_fingerprint(model, weights) -> str:
+    """sha256 of the config and of each shard file's name, size and modification time.
+
+    A streamed model is never whole in memory, and hashing 140 GB of shards would cost a pass
+    of its own; a shard rewritten in place with the same size and time is not noticed."""
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "quantization_config", "architectures"):
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for file in sorted({entry.file for entry in weights.entries.values()}):
+        stat = file.stat()
+        digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def entry_key(stack, windows, spec) -> str:
     from linearize import __version__
 
+    model = stack.model
+    if stack.streamed:
+        fingerprint = "shards:" + shards_fingerprint(model, stack.weights)
+    else:
+        fingerprint = model_fingerprint(model)
     parts = {
         "format": FORMAT_VERSION,
         "linearize": __version__,
         "torch": torch.__version__,
-        "model": model_fingerprint(model),
-        "dtype": str(next(model.parameters()).dtype),
-        "device": next(model.parameters()).device.type,
+        "model": fingerprint,
+        "dtype": str(stack.dtype),
+        "device": stack.device.type,
         "calib": windows.calib_sha256,
         "eval": windows.eval_sha256,
         "validation_windows": len(windows.validation),

@@ -113,11 +113,12 @@ def stage_checkpoint(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.parent / f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    stack = as_stack(model)
     try:
-        fmt = _write_model(serializable_model(model), staging, shard_size=shard_size)
+        fmt = write_model(stack, staging, shard_size=shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _write_manifest(staging, model, fmt, resolved_spec)
+        _write_manifest(staging, stack.model, fmt, resolved_spec)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -223,39 +224,111 @@ def serializable_model(model: nn.Module) -> nn.Module:
     config = copy.deepcopy(model.config)
     del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=_floating_dtype(model))
-    _install_recorded_linear_blocks(fresh)
+    install_recorded_linear_blocks(fresh)
     fresh.load_state_dict(model.state_dict(), strict=True)
     fresh.generation_config = copy.deepcopy(model.generation_config)
     logger.info("rebuilt the model without quantization_config so that it can be saved")
     return fresh.eval()
 
 
-def _write_model(model: nn.Module, directory: Path, *, shard_size: str | int) -> str:
+def as_stack(model_or_stack):
+    """A LayerStack for a plain resident model; a stack is returned as it is."""
+    from linearize.stack import LayerStack
+
+    if isinstance(model_or_stack, LayerStack):
+        return model_or_stack
+    param = next(model_or_stack.parameters())
+    return LayerStack(model=model_or_stack, device=param.device)
+
+
+def write_model(stack, directory: Path, *, shard_size: str | int) -> str:
+    """Write config, generation config and weights, streaming tensors into new shards.
+
+    Each tensor comes from memory (the trunk, layers the job changed or loaded) or straight
+    from the source shards under the layer's original name (a streamed layer nobody touched),
+    so a streamed model is written without ever being materialised. Keys are the model's own
+    names at the layers' new positions; tied tensors are written once.
+    """
+    from linearize.memory import parse_size
+
+    model = stack.model
     fmt = checkpoint_format_of(model)
-    if fmt == "standard":
-        model.save_pretrained(directory, max_shard_size=shard_size)
-        return fmt
-    # Keep in-memory parameter names: `load` reads these files with load_state_dict.
-    model.save_pretrained(directory, max_shard_size=shard_size, save_original_format=False)
-    _rename_weight_files(directory, STANDARD_WEIGHTS_PREFIX, LINEAR_WEIGHTS_PREFIX)
+    prefix = LINEAR_WEIGHTS_PREFIX if fmt == "linear" else STANDARD_WEIGHTS_PREFIX
+    limit = parse_size(shard_size)
+    shards, current, size = [], {}, 0
+    for key, tensor in _tensors_to_write(stack):
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:  # only one shard's tensors are ever held
+            shards.append(_flush(current, directory, prefix, len(shards)))
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(_flush(current, directory, prefix, len(shards)))
+    _name_shards(shards, directory, prefix)
+    _write_config(model, directory)
     return fmt
 
 
-def _rename_weight_files(directory: Path, old_prefix: str, new_prefix: str) -> None:
-    index_path = directory / f"{old_prefix}.safetensors.index.json"
-    renames = {
-        path.name: new_prefix + path.name[len(old_prefix) :]
-        for path in directory.glob(f"{old_prefix}*.safetensors")
+def _tensors_to_write(stack):
+    """(key, tensor) in state-dict order: from memory, or read from the source shards."""
+    from linearize.architectures import get_architecture
+    from linearize.stack import layer_source
+
+    model = stack.model
+    layers_path = get_architecture(model).layers_path + "."
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue  # a tied alias
+        seen.add(id(tensor))
+        if not tensor.is_meta:
+            yield key, tensor.detach().to("cpu").contiguous()
+            continue
+        source = key
+        if key.startswith(layers_path):
+            position, _, rest = key[len(layers_path) :].partition(".")
+            source = layer_source(stack.layers[int(position)]) + rest
+        name = stack.weights.shard_key(source)
+        value = stack.weights.read([name])[name]
+        yield key, value.to(stack.dtype) if value.is_floating_point() else value
+
+
+def _flush(tensors: dict, directory: Path, prefix: str, number: int) -> dict:
+    """Write one shard under a temporary name; returns {keys, file, bytes}."""
+    from safetensors.torch import save_file
+
+    path = directory / f".{prefix}-shard-{number:05d}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"keys": list(tensors), "file": path, "bytes": nbytes}
+
+
+def _name_shards(shards: list, directory: Path, prefix: str) -> None:
+    """HF names: `model.safetensors`, or `model-0000i-of-0000n.safetensors` plus an index."""
+    if len(shards) == 1:
+        os.replace(shards[0]["file"], directory / f"{prefix}.safetensors")
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"{prefix}-{number:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(shard["file"], directory / name)
+        weight_map.update(dict.fromkeys(shard["keys"], name))
+    index = {
+        "metadata": {"total_size": sum(s["bytes"] for s in shards)},
+        "weight_map": weight_map,
     }
-    if not renames:
-        raise ModelSourceError(f"save_pretrained wrote no {old_prefix}*.safetensors files")
-    for old, new in renames.items():
-        os.replace(directory / old, directory / new)
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        index["weight_map"] = {key: renames[file] for key, file in index["weight_map"].items()}
-        (directory / f"{new_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        index_path.unlink()
+    (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_config(model, directory: Path) -> None:
+    config = copy.deepcopy(model.config)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # a GGUF source: the written weights are plain tensors
+    config.architectures = [type(model).__name__]
+    config.dtype = _floating_dtype(model)
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
 
 def _write_manifest(directory: Path, model: nn.Module, fmt: str, resolved_spec: dict) -> None:
@@ -332,14 +405,14 @@ def _load_linear(path: Path, dtype: Any, manifest: dict) -> nn.Module:
     state = _read_linear_weights(path)
     dtype = _as_torch_dtype(dtype) or next(iter(state.values())).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _install_recorded_linear_blocks(model)
+    install_recorded_linear_blocks(model)
     _load_state_strictly(model, state, path)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
 
 
-def _install_recorded_linear_blocks(model: nn.Module) -> None:
+def install_recorded_linear_blocks(model: nn.Module) -> None:
     from linearize.surgery import install_linear_blocks
 
     layout = getattr(model.config, "linearize", None) or {}

@@ -46,26 +46,27 @@ LABELS = {
 
 def compare_models(job, output_dir: Path | None) -> Report:
     """Analyze every model of `job.spec.models` on the first model's windows; one Report."""
-    from linearize.pipeline import _analysis_notes, _data_info, _model_info, _versions
+    from linearize import facts
+    from linearize.analysis import measure_layers
 
     spec = job.spec
-    first = job.load(spec.models[0])
+    first = job.load(spec.models[0], activation_tokens=spec.calib_tokens)
     windows = job.windows(first.tokenizer, eval_tokens=None)
     tokenizer = first.tokenizer
     entries: list[dict] = []
     first_info = first_layers = data_info = None
     for position, source in enumerate(spec.models):
-        loaded = first if position == 0 else job.load(source)
+        loaded = first if position == 0 else job.load(source, activation_tokens=spec.calib_tokens)
         if position > 0:
             check_same_windows(
                 tokenizer, loaded.tokenizer, windows, source, job.notes, spec.validation_fraction
             )
-        analysis = job.analysis(loaded.model, windows, tokenizer)
-        info = _model_info(loaded)
+        analysis, _, _ = measure_layers(job, loaded.stack, windows, tokenizer, with_eval=False)
+        info = facts.model_info(loaded)
         layers = [_layer_row(row) for row in analysis.layers]
         if position == 0:
             first_info, first_layers = info, analysis.layers
-            data_info = _data_info(windows, loaded.model, analysis.reservoir_size)
+            data_info = facts.data_info(windows, loaded.model, analysis.reservoir_size)
         entries.append({"model": source, "info": info.model_dump(mode="json"), "layers": layers})
         del loaded, analysis  # one model in memory at a time (the first is dropped here too)
         first = None
@@ -74,10 +75,10 @@ def compare_models(job, output_dir: Path | None) -> Report:
         kind="compare",
         model=first_info,
         linearity=[LayerLinearity(**row) for row in first_layers],
-        linearity_notes=_analysis_notes(),
+        linearity_notes=facts.analysis_notes(),
         data=data_info,
         timings=job.timings,
-        versions=_versions(),
+        versions=facts.versions(),
         notes=job.notes,
         compare=entries,
     )

@@ -1,44 +1,97 @@
-"""Perplexity and throughput, with the definition that goes into every report.
+"""Perplexity, with the definition that goes into every report, as one layer-by-layer pass.
 
 Perplexity = exp(mean token NLL over all predicted tokens of the windows). Each window of
 seq_len tokens predicts its tokens 2..seq_len from their prefix inside the window (labels =
-inputs, shifted inside the model's loss), so a window contributes seq_len - 1 predictions.
+inputs, shifted inside the window), so a window contributes seq_len - 1 predictions.
+
+The pass carries every window set through the decoder layers (linearize.stack), then applies the
+final norm and the LM head in row chunks: NLL needs the log-sum-exp over the vocabulary and the
+label's logit per position, never a tokens x vocabulary tensor for the whole set.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
+LogitsObserver = Callable[[str, int, int, torch.Tensor], None]
 
-@torch.no_grad()
-def window_nll(model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=None) -> torch.Tensor:
-    """Summed NLL per window (float64), predicting tokens 2..S of each window."""
-    device = next(model.parameters()).device
-    sums = []
-    for start in range(0, len(windows), batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        sums.append(nll.view(len(ids), -1).double().sum(1).cpu())
-        if on_batch is not None:
-            on_batch(len(ids))
-    return torch.cat(sums)
+
+class NllMeter:
+    """Summed NLL per window (float64) from head chunks: on_logits(name, window, start, logits)."""
+
+    def __init__(self, windows: dict[str, torch.Tensor]):
+        self.windows = windows
+        self.sums = {
+            name: torch.zeros(len(ids), dtype=torch.float64) for name, ids in windows.items()
+        }
+
+    def __call__(self, name: str, window: int, start: int, logits: torch.Tensor) -> None:
+        ids = self.windows[name][window]
+        labels = ids[start + 1 : start + 1 + len(logits)].to(logits.device)
+        logits = logits[: len(labels)]  # the window's last position predicts nothing
+        if len(labels):
+            nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            self.sums[name][window] += float(nll.double().sum())
+
+    def perplexity(self, name: str) -> float:
+        return perplexity_from_nll(self.sums[name], self.windows[name].shape[1])
+
+
+def measure_perplexities(
+    stack,
+    planner,
+    windows: dict[str, torch.Tensor],
+    *,
+    stage=None,
+    observers: list[LogitsObserver] = (),
+) -> tuple[dict[str, float], dict[str, float]]:
+    """({name: perplexity}, {name: seconds}) of each window set, in one layer-by-layer pass.
+
+    `observers` also receive every head chunk (e.g. an agreement reference or meter).
+    """
+    meter = NllMeter(windows)
+
+    def on_logits(name, window, start, logits):
+        meter(name, window, start, logits)
+        for observer in observers:
+            observer(name, window, start, logits)
+
+    advance = None if stage is None else stage.advance
+    streams = stack.open_streams(planner, windows)
+    try:
+        stack.run(streams, on_batch=advance)
+        stack.run_head(streams, on_logits)
+    finally:
+        for stream in streams.values():
+            planner.release(stream.cache)
+    ppl = {name: meter.perplexity(name) for name in windows}
+    return ppl, {name: stream.seconds for name, stream in streams.items()}
+
+
+def pass_length(stack, windows: dict[str, torch.Tensor]) -> int:
+    """Progress units of one pass: every window through every layer."""
+    return len(stack.layers) * sum(len(ids) for ids in windows.values())
+
+
+def evaluate_perplexity(model, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Perplexity of a resident model on one window set (the same pass as the pipeline's)."""
+    from linearize.activations import CachePlanner, Spill
+    from linearize.stack import LayerStack
+
+    param = next(model.parameters())
+    stack = LayerStack(model=model, device=param.device, batch_size=batch_size)
+    with Spill() as spill:
+        planner = CachePlanner(param.device, 1 << 62, spill)
+        ppl, _ = measure_perplexities(stack, planner, {"eval": windows})
+    return ppl["eval"]
 
 
 def perplexity_from_nll(nll_per_window: torch.Tensor, seq_len: int) -> float:
     predicted = nll_per_window.numel() * (seq_len - 1)
     return math.exp(float(nll_per_window.sum()) / predicted)
-
-
-def evaluate_perplexity(
-    model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=None
-) -> float:
-    nll = window_nll(model, windows, batch_size=batch_size, on_batch=on_batch)
-    return perplexity_from_nll(nll, windows.shape[1])
 
 
 def count_parameters(model) -> int:

@@ -57,63 +57,122 @@ def fit_features(arch, fmt: str, span: tuple[int, int]) -> str:
     return "span_input" if fmt == "linear" else "mlp_output_of_previous_block"
 
 
-@torch.no_grad()
-def collect_span_stats(
-    model,
-    spans: list[tuple[int, int]],
-    windows: torch.Tensor,
-    *,
-    fmt: str,
-    batch_size: int = 4,
-    on_batch=None,
-) -> dict[tuple[int, int], PairStats]:
-    """Streaming statistics (features, target) for each span, in one pass over `windows`.
+class SpanFit:
+    """Visitor of a pass over the fit windows of the original model (linearize.stack) that
+    collects each span's fit statistics and, for healing, the teacher's hidden states.
 
     linear:   features = input of layer i,                target = output of layer j.
     standard: features = M, the MLP output of layer i-1,  target = h_j - h_{i-1} + M,
               so that h_{i-1} - M + M T ~ h_j (ReplaceMe's form: the residual passes through).
-    The pass stops after the last layer any span needs.
+    The features of a span wait in an activation cache until its last layer's output arrives;
+    only the spans' Grams are d x d statistics.
+    Teacher: the hidden states entering layer `teacher_start` and the output of layer
+    `teacher_end` (None: the model's final normed hidden states, filled by `finish`).
     """
-    from linearize.architectures import decoder_layers, get_architecture, hidden_size
-    from linearize.capture import StopForward, hooked, iterate_batches, layer_io, run_decoder
 
-    arch = get_architecture(model)
-    layers = decoder_layers(model)
-    d = hidden_size(model)
-    stats = {span: PairStats(d, d, extras=False) for span in spans}
-    last = max(end for _, end in spans)
-    seen: dict[tuple[str, int], torch.Tensor] = {}
+    def __init__(self, stack, planner, spans, fmt, ids, *, teacher_start=None, teacher_end=None):
+        from linearize.architectures import get_architecture
 
-    def on_layer(index, args, kwargs, output):
-        x, y = layer_io(args, kwargs, output)
-        seen[("in", index)], seen[("out", index)] = x, y
-        for span in spans:
+        self.stack, self.planner, self.spans, self.fmt = stack, planner, spans, fmt
+        d = stack.model.config.hidden_size
+        self.stats = {span: PairStats(d, d, extras=False) for span in spans}
+        n, seq_len = ids.shape
+
+        def cache():
+            return planner.allocate(n, seq_len, d, stack.dtype)
+
+        self.features = {span: cache() for span in spans}
+        self.bases = {span: cache() for span in spans} if fmt == "standard" else {}
+        self.teacher_start, self.teacher_end = teacher_start, teacher_end
+        self.teacher_inputs = cache() if teacher_start is not None else None
+        self.teacher_targets = cache() if teacher_start is not None else None
+        self._mlp: torch.Tensor | None = None
+        self._hooks = []
+        if fmt == "standard":
+            arch = get_architecture(stack.model)
+            for start, _ in spans:
+                mlp = stack.layers[start - 1].get_submodule(arch.mlp_out)
+                self._hooks.append(mlp.register_forward_hook(self._keep_mlp_output))
+
+    def _keep_mlp_output(self, _module, _args, output) -> None:
+        self._mlp = output[0] if isinstance(output, tuple) else output
+
+    @property
+    def last_layer(self) -> int:
+        ends = [end for _, end in self.spans]
+        if self.teacher_start is not None:
+            ends.append(
+                len(self.stack.layers) - 1 if self.teacher_end is None else self.teacher_end
+            )
+        return max(ends)
+
+    def batch(self, index, name, rows, x, y) -> None:
+        if index == self.teacher_start:
+            self.teacher_inputs[rows] = x
+        if index == self.teacher_end:
+            self.teacher_targets[rows] = y
+        for span in self.spans:
             start, end = span
-            if index != end:
-                continue
-            if fmt == "linear":
-                stats[span].update(seen[("in", start)], y)
-            else:
-                m = seen[("mlp", start - 1)]
-                stats[span].update(m, y - seen[("out", start - 1)] + m)
-        if index == last:
-            raise StopForward
+            if self.fmt == "linear" and index == start:
+                self.features[span][rows] = x
+            if self.fmt == "standard" and index == start - 1:
+                self.features[span][rows] = self._mlp
+                self.bases[span][rows] = y - self._mlp
+            if index == end:
+                base = self.bases[span][rows] if self.fmt == "standard" else 0
+                self.stats[span].update(self.features[span][rows], y - base)
 
-    def on_mlp(index, args, kwargs, output):
-        seen[("mlp", index)] = output[0] if isinstance(output, tuple) else output
+    def finish(self, streams) -> None:
+        """Teacher targets after the final norm, when the pass ran to the last layer."""
+        if self.teacher_start is None or self.teacher_end is not None:
+            return
+        from linearize.stack import batches
 
-    layer_hooks = {
-        i: layers[i] for i in {i for s in spans for i in (s[0], s[1], s[0] - 1)} if i >= 0
-    }
-    mlp_hooks = {}
-    if fmt == "standard":
-        mlp_hooks = {s - 1: layers[s - 1].get_submodule(arch.mlp_out) for s, _ in spans if s >= 1}
-    with hooked(layer_hooks, on_layer), hooked(mlp_hooks, on_mlp):
-        for _, batch in iterate_batches(windows, batch_size):
-            seen.clear()
-            run_decoder(model, batch)
-            if on_batch is not None:
-                on_batch(len(batch))
+        stream = streams["fit"]
+        for rows in batches(len(stream.ids), self.stack.batch_size):
+            with torch.no_grad():
+                self.teacher_targets[rows] = self.stack.finalize(stream.cache[rows])
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for cache in (*self.features.values(), *self.bases.values()):
+            self.planner.release(cache)
+
+
+def fit_pass(stack, planner, spans, fmt, ids, *, teacher_start=None, teacher_end=None, stage=None):
+    """({span: PairStats}, teacher inputs, teacher targets): one pass over the fit windows.
+
+    The teacher caches (None without teacher_start) belong to the caller, who releases them."""
+    fit = SpanFit(
+        stack, planner, spans, fmt, ids, teacher_start=teacher_start, teacher_end=teacher_end
+    )
+    streams = stack.open_streams(planner, {"fit": ids})
+    try:
+        on_batch = None if stage is None else stage.advance
+        stack.run(streams, fit, last=fit.last_layer, on_batch=on_batch)
+        fit.finish(streams)
+    except BaseException:
+        for cache in (fit.teacher_inputs, fit.teacher_targets):
+            if cache is not None:
+                planner.release(cache)
+        raise
+    finally:
+        fit.close()
+        planner.release(streams["fit"].cache)
+    return fit.stats, fit.teacher_inputs, fit.teacher_targets
+
+
+def collect_span_stats(model, spans, windows, *, fmt: str, batch_size: int = 4):
+    """{span: PairStats} of a resident model (benchmarks and tests; the pipeline uses fit_pass)."""
+    from linearize.activations import CachePlanner, Spill
+    from linearize.stack import LayerStack
+
+    param = next(model.parameters())
+    stack = LayerStack(model=model, device=param.device, batch_size=batch_size)
+    with Spill() as spill:
+        planner = CachePlanner(param.device, 1 << 62, spill)
+        stats, _, _ = fit_pass(stack, planner, spans, fmt, windows)
     return stats
 
 

@@ -1,16 +1,23 @@
-"""Healing: distil only the fitted maps against the original model, cheaply, on the CPU.
+"""Healing: distil the fitted maps (and a few layers after them) against the original model.
 
-The student differs from the teacher only from the first replaced position on, so the
-teacher's hidden states entering that position are cached once and injected; each step runs
-only the layers after it. The loss is the mean squared difference of *centred logits*,
-computed without the LM head: with W the output embedding (V x d) and Wc its rows centred,
+The student differs from the teacher only from the first changed position (the cut) on, so the
+teacher's hidden states entering the cut are cached once (linearize.fitting.SpanFit) and
+injected; each step runs only the *segment* of decoder layers from the cut, one layer at a time
+through linearize.stack, and compares where the segment ends with the teacher at the same depth:
 
-    (z_s - z_t) centred = (h_s - h_t) Wc^T,   so   ||.||^2 / V = (h_s - h_t) S (h_s - h_t)^T,
-    S = Wc^T Wc / V  (d x d, precomputed),
+- resident (the whole model fits): the segment runs to the last layer and the model's final norm,
+  and the loss is the mean squared difference of *centred logits*, computed without the LM head:
+  with W the output embedding (V x d) and Wc its rows centred,
 
-where h are final (normed) hidden states. An LM-head bias cancels in the difference, and
-centring removes the softmax's shift invariance. Cost per token: one d x d product instead of
-a V x d head, which for small models is a large part of the forward.
+      (z_s - z_t) centred = (h_s - h_t) Wc^T,   so   ||.||^2 / V = (h_s - h_t) S (h_s - h_t)^T,
+      S = Wc^T Wc / V  (d x d, precomputed),
+
+  where h are final (normed) hidden states. An LM-head bias cancels in the difference, and
+  centring removes the softmax's shift invariance.
+- streamed (it does not): the segment is the healed layers only, and the loss is the mean squared
+  difference of the hidden states after them (a local loss; bench/heal_sweep.py measured a loss
+  at that depth as equal to the default on the bundled model). Only the healed layers, their
+  optimizer state and the cached teacher states are resident.
 
 Trainable parameters: the linear blocks (linear format) or the output projections that carry
 the folded maps (standard format; training the whole projection is training T before the fold,
@@ -32,8 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from linearize.architectures import decoder_layers, get_architecture
-from linearize.capture import hooked, iterate_batches, layer_io
+from linearize.architectures import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +60,29 @@ class HealingResult:
 
 @dataclass
 class TeacherCache:
-    start: int  # the position whose input is injected
-    inputs: torch.Tensor  # (n_windows, S, d) teacher hidden states entering `start`
-    finals: torch.Tensor  # (n_windows, S, d) teacher final normed hidden states
+    start: int  # the position whose input is injected (the cut)
+    inputs: object  # ActivationCache (n_windows, S, d): teacher hidden states entering `start`
+    targets: object  # ActivationCache (n_windows, S, d): teacher states where the segment ends
+    kind: str  # "final": final normed hidden states; "hidden": output of a decoder layer
+
+    @property
+    def loss_name(self) -> str:
+        if self.kind == "final":
+            return "centred-logit MSE at the final hidden state (linearize.healing)"
+        return "MSE of the hidden states after the healed layers (local loss, linearize.healing)"
 
 
-@torch.no_grad()
-def capture_teacher(
-    model, windows: torch.Tensor, start: int, *, batch_size: int = 4, on_batch=None
-) -> TeacherCache:
-    """One pass of the original model: inputs of layer `start` and final hidden states."""
-    layers = decoder_layers(model)
-    inputs, finals = [], []
+def capture_teacher(model, windows: torch.Tensor, start: int, *, batch_size: int = 4):
+    """The teacher of a resident model: inputs of layer `start` and final hidden states."""
+    from linearize.activations import CachePlanner, Spill
+    from linearize.fitting import fit_pass
+    from linearize.stack import LayerStack
 
-    def on_layer(_index, args, kwargs, output):
-        inputs.append(layer_io(args, kwargs, output)[0].float().cpu())
-
-    base = model.base_model
-    with hooked({start: layers[start]}, on_layer):
-        for _, batch in iterate_batches(windows, batch_size):
-            device = next(model.parameters()).device
-            out = base(input_ids=batch.to(device), use_cache=False)
-            finals.append(out.last_hidden_state.float().cpu())
-            if on_batch is not None:
-                on_batch(len(batch))
-    return TeacherCache(start, torch.cat(inputs), torch.cat(finals))
+    param = next(model.parameters())
+    stack = LayerStack(model=model, device=param.device, batch_size=batch_size)
+    planner = CachePlanner(param.device, 1 << 62, Spill())
+    _, inputs, targets = fit_pass(stack, planner, [], "linear", windows, teacher_start=start)
+    return TeacherCache(start, inputs, targets, "final")
 
 
 def healing_params(model, carriers: list, neighbours: int = NEIGHBOUR_LAYERS) -> list:
@@ -98,12 +102,12 @@ def healing_params(model, carriers: list, neighbours: int = NEIGHBOUR_LAYERS) ->
     return list(chosen.values())
 
 
-def logit_metric(model) -> torch.Tensor:
-    """S = Wc^T Wc / V for the centred-logit MSE (float32, on the model's device)."""
-    weight = model.get_output_embeddings().weight.detach().double()  # (V, d)
+def logit_metric(output_weight: torch.Tensor) -> torch.Tensor:
+    """S = Wc^T Wc / V for the centred-logit MSE (float32, on the weight's device)."""
+    weight = output_weight.detach().double()  # (V, d)
     centred = weight - weight.mean(0, keepdim=True)
     metric = centred.T @ centred / weight.shape[0]
-    return metric.float().to(weight.device)
+    return metric.float().to(output_weight.device)
 
 
 def centred_logit_mse(h_student: torch.Tensor, h_teacher: torch.Tensor, metric: torch.Tensor):
@@ -111,54 +115,29 @@ def centred_logit_mse(h_student: torch.Tensor, h_teacher: torch.Tensor, metric: 
     return ((diff @ metric) * diff).sum(-1).mean()
 
 
-class _Injector(nn.Module):
-    """Stands in for layers [0, start): returns the cached teacher hidden states."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden: torch.Tensor | None = None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden.to(hidden_states.dtype)
+def hidden_mse(h_student: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
+    return (h_student - h_teacher).pow(2).sum(-1).mean()
 
 
-@contextlib.contextmanager
-def suffix_stack(model, start: int):
-    """Temporarily run only layers[start:], fed by an injector at position 0."""
-    arch = get_architecture(model)
-    layers = decoder_layers(model)
-    config = model.config
-    injector = _Injector()
-    for name in ("attention_type", "layer_type", "is_sliding", "sliding_window"):
-        if hasattr(layers[start], name):
-            setattr(injector, name, getattr(layers[start], name))
-    saved = {
-        key: getattr(config, key, None)
-        for key in (arch.num_layers_key, *arch.per_layer_config_keys)
-    }
-    parent_path, _, attr = arch.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    new_layers = nn.ModuleList([injector, *list(layers)[start:]])
-    try:
-        setattr(parent, attr, new_layers)
-        setattr(config, arch.num_layers_key, len(new_layers))
-        for key in arch.per_layer_config_keys:
-            if saved[key] is not None:
-                setattr(config, key, [saved[key][start], *saved[key][start:]])
-        yield injector
-    finally:
-        setattr(parent, attr, layers)
-        for key, value in saved.items():
-            if value is not None:
-                setattr(config, key, value)
+def default_loss(stack, teacher: TeacherCache):
+    if teacher.kind == "hidden":
+        return hidden_mse
+    with stack.output_head() as head:
+        metric = logit_metric(head.weight)
+
+    def loss(h_student, h_teacher):
+        return centred_logit_mse(h_student, h_teacher, metric)
+
+    return loss
 
 
 def heal(
-    model,
-    cache: TeacherCache,
+    stack,
+    teacher: TeacherCache,
     windows: torch.Tensor,
     params: list[nn.Parameter],
     *,
+    last: int,
     max_steps: int,
     max_seconds: float,
     lr: float = DEFAULT_LR,
@@ -168,60 +147,61 @@ def heal(
     decay: float = 0.0,
     on_step=None,
 ) -> HealingResult:
-    """Adam on `params` only, minimising the centred-logit MSE at the final hidden state
-    (or `loss_fn(h_student, h_teacher)`, for experiments such as bench/heal_sweep.py's KL).
+    """Adam on `params` only, running positions teacher.start..last of the stack from the
+    teacher's inputs and minimising the loss against its targets (`default_loss`, or
+    `loss_fn(h_student, h_teacher)` for experiments such as bench/heal_sweep.py's KL).
 
     Stops at `max_steps` or after `max_seconds`, whichever comes first. With `decay` > 0 the
     learning rate falls linearly to zero over that last fraction of the budget (1: from the
     start), the budget spent being the larger of the step and the time fractions, so a
     time-bound run decays on any machine. The caller judges the result on the validation slice
-    (and may restore a snapshot taken before).
+    (and may restore a snapshot taken before). `windows` only sets how many windows there are.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(
             f"decay is the fraction of the budget to decay over, in [0, 1]; got {decay}"
         )
-    if loss_fn is None:
-        metric = logit_metric(model)
-
-        def loss_fn(h_student, h_teacher):
-            return centred_logit_mse(h_student, h_teacher, metric)
-
-    was_trainable = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = loss_fn or default_loss(stack, teacher)
+    positions = range(teacher.start, last + 1)
+    segment = [stack.prepare(i) for i in positions]
+    was_trainable = [p for p in stack.model.parameters() if p.requires_grad]
     for p in was_trainable:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
     losses: list[float] = []
     started = time.perf_counter()
     try:
-        with suffix_stack(model, cache.start) as injector:
-            while len(losses) < max_steps and time.perf_counter() - started < max_seconds:
-                pick = torch.randint(0, len(windows), (batch_size,), generator=generator)
-                injector.hidden = cache.inputs[pick].to(device)
-                with _autocast(device):
-                    out = model.base_model(input_ids=windows[pick].to(device), use_cache=False)
-                loss = loss_fn(out.last_hidden_state.float(), cache.finals[pick].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if decay:
-                    elapsed = time.perf_counter() - started
-                    optimizer.param_groups[0]["lr"] = decayed_lr(
-                        lr, len(losses), max_steps, elapsed, max_seconds, decay
-                    )
-                optimizer.step()
-                losses.append(loss.item())
-                if on_step is not None:
-                    on_step(len(losses), losses[-1])
+        while len(losses) < max_steps and time.perf_counter() - started < max_seconds:
+            pick = torch.randint(0, len(windows), (batch_size,), generator=generator)
+            hidden = teacher.inputs[pick]
+            with _autocast(stack.device):
+                for position, layer in zip(positions, segment, strict=True):
+                    hidden = stack.call(position, layer, hidden)
+                if teacher.kind == "final":
+                    hidden = stack.finalize(hidden)
+            loss = loss_fn(hidden.float(), teacher.targets[pick].float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if decay:
+                elapsed = time.perf_counter() - started
+                optimizer.param_groups[0]["lr"] = decayed_lr(
+                    lr, len(losses), max_steps, elapsed, max_seconds, decay
+                )
+            optimizer.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
     finally:
         for p in params:
             p.requires_grad_(False)
         for p in was_trainable:
             p.requires_grad_(True)
-        model.eval()
+        for position in positions:
+            stack.release(position)
+        stack.model.eval()
     tail = losses[-5:]
     return HealingResult(
         steps=len(losses),

@@ -119,7 +119,7 @@ def _load_directory(path: Path, dtype: str) -> LoadedModel:
         from linearize.checkpoint import load as load_checkpoint
 
         model = load_checkpoint(path, dtype=None if dtype == "auto" else dtype)
-        return LoadedModel(model, _load_tokenizer(path), str(path), "linearize")
+        return LoadedModel(model, load_tokenizer(path), str(path), "linearize")
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} is not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
@@ -127,13 +127,13 @@ def _load_directory(path: Path, dtype: str) -> LoadedModel:
             f"{path} has no .safetensors weights; pickle checkpoints (.bin/.pt) are refused"
         )
     return LoadedModel(
-        _from_pretrained(str(path), dtype), _load_tokenizer(path), str(path), "directory"
+        _from_pretrained(str(path), dtype), load_tokenizer(path), str(path), "directory"
     )
 
 
 def _load_hub(repo_id: str, dtype: str) -> LoadedModel:
     # Goes through the standard HF cache, so HF_HUB_OFFLINE=1 works from a populated cache.
-    return LoadedModel(_from_pretrained(repo_id, dtype), _load_tokenizer(repo_id), repo_id, "hub")
+    return LoadedModel(_from_pretrained(repo_id, dtype), load_tokenizer(repo_id), repo_id, "hub")
 
 
 def _from_pretrained(where: str, dtype: str):
@@ -150,7 +150,7 @@ def _from_pretrained(where: str, dtype: str):
         raise ModelSourceError(f"cannot load model {where!r}: {_first_line(exc)}") from exc
 
 
-def _load_tokenizer(where):
+def load_tokenizer(where):
     from transformers import AutoTokenizer
 
     try:

@@ -1,9 +1,12 @@
 """The one entry point: the CLI and the Celery worker both call `run(spec, ...)`.
 
-Data flow of a compression (ARCHITECTURE.md): spec -> model -> windows (fit / validation /
-eval, disjoint) -> baseline perplexity -> analysis -> selection -> fit -> surgery -> healing
-(validation perplexity before and after) -> staged checkpoint -> reload from disk, check it on the
-validation slice, measure it on the eval windows -> report -> atomic publish.
+Data flow of a compression (ARCHITECTURE.md), every model pass layer by layer (linearize.stack),
+resident or streamed as the memory budget decides (linearize.placement):
+spec -> model -> windows (fit / validation / eval, disjoint) -> one pass: analysis of every
+layer + baseline perplexities -> selection -> one pass over the fit windows: the span's fit
+statistics + the teacher's states for healing -> surgery -> one pass: perplexity before healing
+-> healing (validation perplexity after) -> checkpoint streamed into new shards -> reload from
+disk, one pass: validation check + evaluation windows -> report -> atomic publish.
 Only the progress sink differs between callers (terminal bars vs job events).
 """
 
@@ -11,25 +14,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
-from api_schemas.report import (
-    DataInfo,
-    Gate,
-    GateRule,
-    LayerLinearity,
-    ModelInfo,
-    Perplexity,
-    Throughput,
-)
-from linearize.errors import DataError, InputError, OutputExistsError, VerificationError
+from api_schemas.report import Gate, GateRule, LayerLinearity, Perplexity, Throughput
+from linearize.errors import InputError, OutputExistsError, VerificationError
+from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
+from linearize.job import Job
 from linearize.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -38,6 +32,8 @@ ProgressSink = Callable[[ProgressEvent], None]
 RELOAD_TOLERANCE = 0.005  # reloaded vs in-memory validation perplexity, relative
 DEFAULT_HEAL_STEPS = 400
 DEFAULT_HEAL_SECONDS = 60.0
+# Bytes a trained layer needs besides its weights: gradients and Adam's two moments.
+TRAINING_FACTOR = 4
 
 
 def run(
@@ -51,7 +47,8 @@ def run(
     """Run one job spec (AnalyzeSpec | CompressSpec | EvalSpec | CompareSpec) to its report.
 
     `progress` receives ProgressEvents; if it raises `linearize.errors.Cancelled`, the run stops
-    at that point (cooperative cancellation) and nothing partial is left in `output_dir`.
+    at that point (cooperative cancellation), nothing partial is left in `output_dir`, and every
+    spilled activation file is removed.
     """
     if isinstance(spec, dict):
         spec = TypeAdapter(JobSpec).validate_python(spec)
@@ -60,14 +57,12 @@ def run(
         if output_dir is None:
             raise InputError("compress needs an output directory")
         _refuse_existing_output(output_dir, force)
-    job = _Job(spec, Progress(progress))
-    runner = {
-        "compress": job.compress,
-        "analyze": job.analyze,
-        "eval": job.evaluate,
-        "compare": job.compare,
-    }[spec.kind]
-    report = runner(output_dir=output_dir, force=force)
+    job = Job(spec, Progress(progress))
+    runner = {"compress": compress, "analyze": analyze, "eval": evaluate, "compare": compare}
+    try:
+        report = runner[spec.kind](job, output_dir, force)
+    finally:
+        job.close()
     if report_path is not None:
         write_report(report, Path(report_path))
     return report
@@ -87,393 +82,433 @@ def _refuse_existing_output(output_dir: Path, force: bool) -> None:
         raise OutputExistsError(f"--output {output_dir} is not empty (use --force to replace it)")
 
 
-class _Job:
-    """One run's state: spec, progress, timings, and the loaded model."""
+# --- kinds ---------------------------------------------------------------------------------------
 
-    def __init__(self, spec, progress: Progress):
-        self.spec = spec
-        self.progress = progress
-        self.timings: dict[str, float] = {}
-        self.notes: list[str] = []
 
-    @contextmanager
-    def timed(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+def analyze(job: Job, output_dir: Path | None, force: bool) -> Report:
+    from linearize.analysis import measure_layers
 
-    # --- shared stages ---------------------------------------------------------------------
+    loaded = job.load(job.spec.model, activation_tokens=job.spec.calib_tokens)
+    windows = job.windows(loaded.tokenizer, eval_tokens=None)
+    analysis, _, _ = measure_layers(job, loaded.stack, windows, loaded.tokenizer, with_eval=False)
+    report = Report(
+        kind="analyze",
+        model=model_info(loaded),
+        linearity=[LayerLinearity(**row) for row in analysis.layers],
+        linearity_notes=analysis_notes(),
+        data=data_info(windows, loaded.model, analysis.reservoir_size),
+        execution=execution_info(job, loaded.stack),
+        timings=job.timings,
+        versions=versions(),
+        notes=job.notes,
+    )
+    if output_dir is not None:
+        from linearize.report import write_report_bundle
 
-    def text(self):
-        """The data source, read once; read before the model so bad data fails in a second."""
-        from linearize.data import load_source
+        write_report_bundle(report, output_dir, residuals=analysis.residuals)
+    return report
 
-        if not hasattr(self, "_text"):
-            self._text = load_source(self.spec.data)
-        return self._text
 
-    def load(self, source: str):
-        from linearize.loading import load_model
+def evaluate(job: Job, output_dir: Path | None, force: bool) -> Report:
+    loaded = job.load(job.spec.model, activation_tokens=job.spec.eval_tokens)
+    windows = job.windows(loaded.tokenizer, eval_tokens=job.spec.eval_tokens)
+    ppl, _ = perplexities(job, loaded.stack, {"eval": windows.eval}, "evaluate")
+    return Report(
+        kind="eval",
+        model=model_info(loaded),
+        perplexity=Perplexity(baseline=ppl["eval"]),
+        data=data_info(windows, loaded.model, None),
+        execution=execution_info(job, loaded.stack),
+        timings=job.timings,
+        versions=versions(),
+    )
 
-        self.text()
-        with self.timed("load"), self.progress.stage("load", total=1, message=source):
-            return load_model(
-                source,
-                dtype=self.spec.dtype,
-                device=self.spec.device,
-                use_cache=getattr(self.spec, "use_cache", True),
-            )
 
-    def windows(self, tokenizer, eval_tokens: int | None):
-        from linearize.data import build_windows
+def compare(job: Job, output_dir: Path | None, force: bool) -> Report:
+    from linearize.compare import compare_models
 
-        with self.timed("data"), self.progress.stage("data", total=1):
-            return build_windows(
-                tokenizer,
-                self.text(),
-                calib_tokens=self.spec.calib_tokens,
-                eval_tokens=eval_tokens,
-                seq_len=self.spec.seq_len,
-                validation_fraction=self.spec.validation_fraction,
-            )
+    return compare_models(job, output_dir)
 
-    def perplexity(self, model, windows, name: str, stage: str) -> float:
-        from linearize.evaluation import evaluate_perplexity
 
-        with self.timed(name), self.progress.stage(stage, total=len(windows), message=name) as st:
-            return evaluate_perplexity(model, windows, on_batch=st.advance)
+def compress(job: Job, output_dir: Path, force: bool) -> Report:
+    from linearize.architectures import num_layers
 
-    def analysis(self, model, windows, tokenizer):
-        from linearize.analysis import analyze
-        from linearize.architectures import hidden_size
-
-        d = hidden_size(model)
-        n_fit = windows.count("fit")
-        if n_fit <= d:
-            raise DataError(
-                f"the linearity score needs more fit tokens than the hidden size: {n_fit} <= d={d}; "
-                f"use --calib-tokens > {int((d + 1) / (1 - self.spec.validation_fraction)) + 1}"
-            )
-        if n_fit < 10 * d:
-            self.notes.append(
-                f"N/d = {n_fit / d:.1f}: in-sample scores are optimistic when N is not >> d; "
-                "rankings use held-out errors"
-            )
-        with self.timed("analyze"):
-            return analyze(model, windows, tokenizer, self.progress, seed=self.spec.seed)
-
-    # --- kinds -------------------------------------------------------------------------------
-
-    def analyze(self, output_dir: Path | None, force: bool) -> Report:
-        loaded = self.load(self.spec.model)
-        windows = self.windows(loaded.tokenizer, eval_tokens=None)
-        analysis = self.analysis(loaded.model, windows, loaded.tokenizer)
-        report = Report(
-            kind="analyze",
-            model=_model_info(loaded),
-            linearity=[LayerLinearity(**row) for row in analysis.layers],
-            linearity_notes=_analysis_notes(),
-            data=_data_info(windows, loaded.model, analysis.reservoir_size),
-            timings=self.timings,
-            versions=_versions(),
-            notes=self.notes,
+    spec = job.spec
+    loaded = job.load(spec.model, activation_tokens=spec.calib_tokens + spec.eval_tokens)
+    stack, tokenizer = loaded.stack, loaded.tokenizer
+    info_before = model_info(loaded)
+    n_layers = num_layers(stack.model)
+    _check_budget_early(spec, n_layers)
+    windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens)
+    baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
+        job, stack, windows, tokenizer
+    )
+    indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
+    job.progress.note("select", f"replacing layers {indices}")
+    budget = healing_budget(spec)
+    teacher = None
+    if budget:
+        carriers, teacher, last = replace_with_teacher(job, stack, windows, indices)
+    else:
+        carriers = replace(job, stack, windows, indices)
+    before_healing = None
+    if budget:
+        before_healing, selection["healing"] = heal(
+            job, stack, windows, teacher, carriers, last, budget
         )
-        if output_dir is not None:
-            from linearize.report import write_report_bundle
+        info = selection["healing"]
+        compressed_val = info[
+            "validation_after" if info["kept"] == "healed" else "validation_before"
+        ]
+    else:
+        ppl, _ = perplexities(job, stack, {"validation": windows.validation}, "evaluate")
+        compressed_val = ppl["validation"]
+    # The evaluation windows are measured once, on the checkpoint reloaded from disk
+    # (save_and_verify); the reload is checked against the in-memory validation figure.
+    report = Report(
+        kind="compress",
+        model=info_before,
+        replaced_layers=indices,
+        format=spec.format,
+        method=method_name(spec),
+        selection=selection,
+        linearity=[LayerLinearity(**row) for row in analysis.layers],
+        linearity_notes=analysis_notes(),
+        perplexity=Perplexity(
+            baseline=baseline,
+            before_healing=before_healing,
+            validation_baseline=baseline_val,
+            validation_compressed=compressed_val,
+        ),
+        throughput=Throughput(
+            # Forward tokens/s of the evaluation windows themselves (LM head included).
+            tokens_per_s_before=windows.count("eval") / eval_seconds,
+            device=str(stack.device),
+        ),
+        data=data_info(windows, stack.model, analysis.reservoir_size),
+        versions=versions(),
+        notes=job.notes,
+    )
+    return save_and_verify(
+        job, loaded, windows, report, output_dir, force, residuals=analysis.residuals
+    )
 
-            write_report_bundle(report, output_dir, residuals=analysis.residuals)
-        return report
 
-    def evaluate(self, output_dir: Path | None, force: bool) -> Report:
-        loaded = self.load(self.spec.model)
-        windows = self.windows(loaded.tokenizer, eval_tokens=self.spec.eval_tokens)
-        ppl = self.perplexity(loaded.model, windows.eval, "eval", "evaluate")
-        return Report(
-            kind="eval",
-            model=_model_info(loaded),
-            perplexity=Perplexity(baseline=ppl),
-            data=_data_info(windows, loaded.model, None),
-            timings=self.timings,
-            versions=_versions(),
-        )
+# --- compress stages -------------------------------------------------------------------------
 
-    def compare(self, output_dir: Path | None, force: bool) -> Report:
-        from linearize.compare import compare_models
 
-        return compare_models(self, output_dir)
+def perplexities(job: Job, stack, windows: dict, stage: str, observers=()):
+    """({name: perplexity}, {name: seconds}) of window sets, in one layer-by-layer pass."""
+    from linearize.evaluation import measure_perplexities
 
-    def compress(self, output_dir: Path, force: bool) -> Report:
-        from linearize.architectures import num_layers
-
-        spec = self.spec
-        loaded = self.load(spec.model)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        info_before = _model_info(loaded)
-        n_layers = num_layers(model)
-        _check_budget_early(spec, n_layers)
-        windows = self.windows(tokenizer, eval_tokens=spec.eval_tokens)
-        baseline, baseline_val, analysis = self.baseline_and_analysis(model, windows, tokenizer)
-
-        indices, selection = self.select(model, windows, analysis, baseline_val, n_layers)
-        self.progress.note("select", f"replacing layers {indices}")
-        healing = self.healing_budget()
-        teacher = self.capture_teacher(model, windows, indices) if healing else None
-        params = self.replace(model, windows, indices)
-        before_healing = None
-        if healing:
-            from linearize.healing import healing_params
-
-            params = healing_params(model, params)
-            before_healing, selection["healing"] = self.heal(
-                model, windows, teacher, params, healing
-            )
-            del teacher
-            # heal() measured the validation slice of the model it leaves behind.
-            info = selection["healing"]
-            compressed_val = info[
-                "validation_after" if info["kept"] == "healed" else "validation_before"
-            ]
-        else:
-            compressed_val = self.perplexity(
-                model, windows.validation, "compressed_validation", "evaluate"
-            )
-        # The evaluation windows are measured once, on the checkpoint reloaded from disk
-        # (save_and_verify); the reload is checked against the in-memory validation figure.
-        report = Report(
-            kind="compress",
-            model=info_before,
-            replaced_layers=indices,
-            format=spec.format,
-            method=self.method_name(),
-            selection=selection,
-            linearity=[LayerLinearity(**row) for row in analysis.layers],
-            linearity_notes=_analysis_notes(),
-            perplexity=Perplexity(
-                baseline=baseline,
-                before_healing=before_healing,
-                validation_baseline=baseline_val,
-                validation_compressed=compressed_val,
-            ),
-            throughput=Throughput(
-                # Forward tokens/s of the evaluation passes themselves (LM head included).
-                tokens_per_s_before=windows.count("eval") / self.timings["baseline_eval"],
-                device=str(next(model.parameters()).device),
-            ),
-            data=_data_info(windows, model, analysis.reservoir_size),
-            versions=_versions(),
-            notes=self.notes,
-        )
-        return self.save_and_verify(
-            model, tokenizer, windows, report, output_dir, force, residuals=analysis.residuals
+    name = "+".join(windows)
+    with job.timed(f"{stage}_{name}"), job.pass_stage(stage, stack, windows, name) as st:
+        return measure_perplexities(
+            stack, job.planner(stack), windows, stage=st, observers=observers
         )
 
-    # --- compress helpers ----------------------------------------------------------------------
 
-    def baseline_and_analysis(self, model, windows, tokenizer):
-        """Baseline perplexities and the analysis, from the cache when the same model, windows
-        and settings were seen before (linearize.cache)."""
-        from linearize import cache
-        from linearize.analysis import Analysis
+def baseline_and_analysis(job: Job, stack, windows, tokenizer):
+    """Baseline perplexities and the analysis in one pass, or from the cache when the same
+    model, windows and settings were seen before (linearize.cache)."""
+    from linearize import cache
+    from linearize.analysis import Analysis, measure_layers
 
-        key = cache.entry_key(model, windows, self.spec) if self.spec.use_cache else None
-        entry = cache.load_entry(key) if key else None
-        if entry is not None:
-            self.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
-            self.timings["baseline_eval"] = entry["baseline_eval_seconds"]
-            analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
-            return entry["baseline"], entry["baseline_validation"], analysis
-        baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
-        baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
-        analysis = self.analysis(model, windows, tokenizer)
-        if key:
-            entry = {
-                "baseline": baseline,
-                "baseline_validation": baseline_val,
-                "baseline_eval_seconds": self.timings["baseline_eval"],
-                "layers": analysis.layers,
-                "reservoir_size": analysis.reservoir_size,
-            }
-            cache.save_entry(key, entry, analysis.residuals)
-        return baseline, baseline_val, analysis
-
-    def method_name(self) -> str:
-        name = "affine-span-lstsq" if self.spec.format == "linear" else "fold-lstsq"
-        return name + ("+heal" if self.healing_budget() else "")
-
-    def healing_budget(self) -> tuple[int, float] | None:
-        """(max steps, max seconds), or None when healing is off (heal_steps=0)."""
-        steps = DEFAULT_HEAL_STEPS if self.spec.heal_steps is None else self.spec.heal_steps
-        if steps == 0:
-            return None
-        return steps, self.spec.heal_seconds or DEFAULT_HEAL_SECONDS
-
-    def injection_point(self, indices: list[int]) -> int:
-        """The first position whose computation changes: the fold target or the first block."""
-        first = min(indices)
-        return first - 1 if self.spec.format == "standard" else first
-
-    def capture_teacher(self, model, windows, indices):
-        from linearize.healing import capture_teacher
-
-        start = self.injection_point(indices)
-        with (
-            self.timed("heal"),
-            self.progress.stage("heal", total=len(windows.fit), message="teacher states") as st,
-        ):
-            return capture_teacher(model, windows.fit, start, on_batch=st.advance)
-
-    def heal(self, model, windows, teacher, params, budget):
-        """Distil the maps; keep the result only if the validation perplexity improved."""
-        from linearize.healing import heal, restore, snapshot
-
-        max_steps, max_seconds = budget
-        val_before = self.perplexity(model, windows.validation, "healing_validation", "heal")
-        eval_before = self.perplexity(model, windows.eval, "healing_eval_before", "heal")
-        saved = snapshot(params)
-        with self.timed("heal"), self.progress.stage("heal", total=max_steps) as st:
-            result = heal(
-                model,
-                teacher,
-                windows.fit,
-                params,
-                max_steps=max_steps,
-                max_seconds=max_seconds,
-                seed=self.spec.seed,
-                on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
-            )
-        val_after = self.perplexity(model, windows.validation, "healing_validation", "heal")
-        kept = val_after < val_before
-        if not kept:
-            restore(params, saved)
-            self.notes.append("healing did not improve the validation slice; kept the fitted maps")
-        info = {
-            **result.as_dict(),
-            "validation_before": val_before,
-            "validation_after": val_after,
-            "kept": "healed" if kept else "fitted",
-            "loss": "centred-logit MSE at the final hidden state (linearize.healing)",
+    spec = job.spec
+    key = cache.entry_key(stack, windows, spec) if spec.use_cache else None
+    entry = cache.load_entry(key) if key else None
+    if entry is not None:
+        job.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
+        analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
+        return (
+            entry["baseline"],
+            entry["baseline_validation"],
+            analysis,
+            entry["baseline_eval_seconds"],
+        )
+    analysis, ppl, seconds = measure_layers(job, stack, windows, tokenizer, with_eval=True)
+    if key:
+        entry = {
+            "baseline": ppl["eval"],
+            "baseline_validation": ppl["validation"],
+            "baseline_eval_seconds": seconds["eval"],
+            "layers": analysis.layers,
+            "reservoir_size": analysis.reservoir_size,
         }
-        return eval_before, info
+        cache.save_entry(key, entry, analysis.residuals)
+    return ppl["eval"], ppl["validation"], analysis, seconds["eval"]
 
-    def select(self, model, windows, analysis, baseline_val: float, n_layers: int):
-        from linearize.selection import (
-            check_indices,
-            max_budget,
-            rank_layers,
-            search_largest_budget,
-            select_window,
+
+def method_name(spec) -> str:
+    name = "affine-span-lstsq" if spec.format == "linear" else "fold-lstsq"
+    return name + ("+heal" if healing_budget(spec) else "")
+
+
+def healing_budget(spec) -> tuple[int, float] | None:
+    """(max steps, max seconds), or None when healing is off (heal_steps=0)."""
+    steps = DEFAULT_HEAL_STEPS if spec.heal_steps is None else spec.heal_steps
+    if steps == 0:
+        return None
+    return steps, spec.heal_seconds or DEFAULT_HEAL_SECONDS
+
+
+def injection_point(spec, indices: list[int]) -> int:
+    """The first position whose computation changes: the fold target or the first block."""
+    first = min(indices)
+    return first - 1 if spec.format == "standard" else first
+
+
+def select(job: Job, stack, windows, analysis, baseline_val: float, n_layers: int):
+    from linearize.selection import (
+        check_indices,
+        max_budget,
+        rank_layers,
+        search_largest_budget,
+        select_window,
+    )
+
+    spec = job.spec
+    # Held-out ranking: 1 - validation error of each layer's own affine map.
+    scores = [1 - row["validation_error"] for row in analysis.layers]
+    info = {
+        "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
+        "ranking": rank_layers(scores, n_layers),
+    }
+    if spec.indices is not None:
+        return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
+    info["rule"] = "the k adjacent layers with the highest total ranking signal (one span)"
+    if spec.layers is not None:
+        return select_window(scores, spec.layers, n_layers), {**info, "mode": "layers"}
+
+    def increase_for(indices: list[int]) -> float:
+        trial = trial_stack(stack)
+        replace(job, trial, windows, indices)
+        ppl, _ = perplexities(job, trial, {"validation": windows.validation}, "select")
+        return 100 * (ppl["validation"] / baseline_val - 1)
+
+    with job.timed("select"):
+        choices = [select_window(scores, k, n_layers) for k in range(1, max_budget(n_layers) + 1)]
+        best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
+    if not best:
+        raise InputError(
+            f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
+            f"increase (k=1 gives {trace[0]['validation_increase_pct']:.1f}%)"
         )
+    return best, {
+        **info,
+        "mode": "target_ppl_increase",
+        "search": (
+            "binary search on k, each k's best window of adjacent layers; each trial is "
+            "fitted without healing and measured on the validation slice"
+        ),
+        "trace": trace,
+    }
 
-        spec = self.spec
-        # Held-out ranking: 1 - validation error of each layer's own affine map.
-        scores = [1 - row["validation_error"] for row in analysis.layers]
-        info = {
-            "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
-            "ranking": rank_layers(scores, n_layers),
-        }
-        if spec.indices is not None:
-            return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
-        info["rule"] = "the k adjacent layers with the highest total ranking signal (one span)"
-        if spec.layers is not None:
-            return select_window(scores, spec.layers, n_layers), {**info, "mode": "layers"}
 
-        def increase_for(indices: list[int]) -> float:
-            trial = copy.deepcopy(model)
-            self.replace(trial, windows, indices)
-            ppl = self.perplexity(trial, windows.validation, "search_validation", "select")
-            del trial
-            return 100 * (ppl / baseline_val - 1)
+def trial_stack(stack):
+    """A copy to try a replacement on; a streamed copy shares the shards, not the weights."""
+    from linearize.stack import LayerStack
 
-        with self.timed("select"):
-            choices = [
-                select_window(scores, k, n_layers) for k in range(1, max_budget(n_layers) + 1)
-            ]
-            best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
-        if not best:
-            raise InputError(
-                f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
-                f"increase (k=1 gives {trace[0]['validation_increase_pct']:.1f}%)"
-            )
-        return best, {
-            **info,
-            "mode": "target_ppl_increase",
-            "search": (
-                "binary search on k, each k's best window of adjacent layers; each trial is "
-                "fitted without healing and measured on the validation slice"
-            ),
-            "trace": trace,
-        }
+    return LayerStack(
+        model=copy.deepcopy(stack.model),
+        device=stack.device,
+        weights=stack.weights,
+        batch_size=stack.batch_size,
+    )
 
-    def replace(self, model, windows, indices: list[int]) -> list:
-        """Fit and apply the maps; returns the parameters that carry them (for healing)."""
-        from linearize.architectures import decoder_layers, get_architecture
-        from linearize.fitting import collect_span_stats, fit_spans
-        from linearize.selection import contiguous_spans
-        from linearize.surgery import (
-            LinearBlock,
-            check_foldable,
-            fold_and_remove,
-            replace_with_linear,
+
+def replace(job: Job, stack, windows, indices: list[int]) -> list:
+    """Fit and apply the maps; returns the parameters that carry them (for healing)."""
+    carriers, _, _ = _fit_and_replace(job, stack, windows, indices, teacher=False)
+    return carriers
+
+
+def replace_with_teacher(job: Job, stack, windows, indices: list[int]):
+    """`replace`, with the teacher's states for healing captured in the same fit pass.
+
+    Returns (carriers, TeacherCache, last position of the healed segment)."""
+    return _fit_and_replace(job, stack, windows, indices, teacher=True)
+
+
+def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: bool):
+    from linearize.fitting import fit_pass, fit_spans
+    from linearize.healing import NEIGHBOUR_LAYERS, TeacherCache
+    from linearize.selection import contiguous_spans
+    from linearize.surgery import check_foldable
+
+    spec = job.spec
+    spans = contiguous_spans(indices)
+    fmt = spec.format
+    if fmt == "standard":
+        check_foldable(stack.model, spans)  # refuse before the costly fit pass
+    start = injection_point(spec, indices) if teacher else None
+    end = None  # resident: the teacher's final hidden states
+    if teacher and stack.streamed:
+        end = min(max(e for _, e in spans) + NEIGHBOUR_LAYERS - 1, len(stack.layers) - 1)
+    planner = job.planner(stack)
+    sets = {"fit": windows.fit}
+    with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
+        stats, t_in, t_out = fit_pass(
+            stack, planner, spans, fmt, windows.fit, teacher_start=start, teacher_end=end, stage=st
         )
+        maps = fit_spans(stack.model, stats, fmt=fmt)
+    with job.timed("surgery"), job.progress.stage("surgery", total=1):
+        carriers = apply_maps(stack, spans, maps, fmt)
+    if not teacher:
+        return carriers, None, None
+    kind = "final" if end is None else "hidden"
+    last = len(stack.layers) - 1 if end is None else _position_of_original(stack, end)
+    return carriers, TeacherCache(start, t_in, t_out, kind), last
 
-        spans = contiguous_spans(indices)
-        fmt = self.spec.format
-        if fmt == "standard":
-            check_foldable(model, spans)  # refuse before the costly fit pass
-        with self.timed("fit"), self.progress.stage("fit", total=len(windows.fit)) as st:
-            stats = collect_span_stats(model, spans, windows.fit, fmt=fmt, on_batch=st.advance)
-            maps = fit_spans(model, stats, fmt=fmt)
-        with self.timed("surgery"), self.progress.stage("surgery", total=1):
-            if fmt == "linear":
-                replace_with_linear(model, maps)
-                return [
-                    p for m in model.modules() if isinstance(m, LinearBlock) for p in m.parameters()
-                ]
-            arch, layers = get_architecture(model), decoder_layers(model)
-            projections = [layers[start - 1].get_submodule(arch.mlp_out) for start, _ in spans]
-            fold_and_remove(model, maps)
-            return [p for proj in projections for p in proj.parameters()]
 
-    def save_and_verify(
-        self, model, tokenizer, windows, report: Report, output_dir: Path, force: bool, residuals
-    ) -> Report:
-        """Stage the checkpoint, reload it from disk, check it reproduces the in-memory model on
-        the validation slice, measure it on the evaluation windows, then publish atomically."""
-        from linearize.checkpoint import load, stage_checkpoint
-        from linearize.evaluation import count_parameters, parameter_bytes
-        from linearize.report import model_card, report_bundle_files
+def apply_maps(stack, spans, maps, fmt: str) -> list:
+    """Surgery on the stack's model; the changed layers are kept in memory from now on."""
+    from linearize.architectures import get_architecture
+    from linearize.surgery import LinearBlock, fold_and_remove, replace_with_linear
 
-        spec_json = self.spec.model_dump(mode="json")
-        with self.timed("save"), self.progress.stage("save", total=1):
-            staged = stage_checkpoint(
-                model, tokenizer, output_dir, resolved_spec=spec_json, force=force
-            )
-        with staged:  # discarded unless published
-            param = next(model.parameters())
-            with self.timed("verify"):
-                reloaded = load(staged.path, dtype=param.dtype, device=param.device)
-                val = self.perplexity(reloaded, windows.validation, "reloaded_validation", "verify")
-            _check_reload(val, report.perplexity.validation_compressed)
-            ppl = self.perplexity(reloaded, windows.eval, "reloaded_eval", "verify")
-            p = report.perplexity
-            p.compressed = p.reloaded = ppl
-            p.increase_pct = 100 * (ppl / p.baseline - 1)
-            p.validation_reloaded = val
-            report.throughput.tokens_per_s_after = (
-                windows.count("eval") / self.timings["reloaded_eval"]
-            )
-            report.model.layers_after = len(_layers_of(reloaded))
-            report.model.params_after = count_parameters(reloaded)
-            report.model.bytes_after = parameter_bytes(reloaded)
-            report.model.extra_params = _extra_params(reloaded)
-            report.model.checkpoint_bytes = _dir_bytes(staged.path)
-            report.gate = _gate(self.spec, report)
-            report.timings = self.timings
-            report.output_dir = str(output_dir)
-            files = report_bundle_files(report, residuals=residuals)
-            files["README.md"] = model_card(report)
-            staged.publish(files)
-        return report
+    model = stack.model
+    if fmt == "linear":
+        for start, _ in spans:
+            stack.prepare(start)  # the block is built like the layer it replaces
+        replace_with_linear(model, maps)
+        blocks = [m for m in stack.layers if isinstance(m, LinearBlock)]
+        for block in blocks:
+            stack.keep(block)
+        return [p for block in blocks for p in block.parameters()]
+    arch = get_architecture(model)
+    targets = [stack.prepare(start - 1) for start, _ in spans]
+    for layer in targets:
+        stack.keep(layer)
+    projections = [layer.get_submodule(arch.mlp_out) for layer in targets]
+    fold_and_remove(model, maps)
+    for layer in targets:
+        layer.to("cpu" if stack.streamed else stack.device)
+    return [p for proj in projections for p in proj.parameters()]
+
+
+def _position_of_original(stack, original: int) -> int:
+    """The current position whose computation ends at layer `original` of the base model."""
+    origins = stack.model.config.linearize["origins"]
+    for position, (_, last) in enumerate(origins):
+        if last >= original:
+            return position
+    return len(origins) - 1
+
+
+def heal(job: Job, stack, windows, teacher, carriers, last: int, budget):
+    """Distil the maps; keep the result only if the validation perplexity improved."""
+    from linearize.healing import heal as distil
+    from linearize.healing import healing_params, restore, snapshot
+
+    max_steps, max_seconds = budget
+    neighbours = healed_layers_that_fit(job, stack)
+    params = healing_params(stack.model, carriers, neighbours=neighbours)
+    if stack.streamed:
+        for position in range(teacher.start, last + 1):
+            layer = stack.layers[position]
+            if any(p is q for p in layer.parameters() for q in params):
+                stack.keep(layer)
+    sets = {"validation": windows.validation, "eval": windows.eval}
+    ppl, _ = perplexities(job, stack, sets, "heal")
+    val_before, eval_before = ppl["validation"], ppl["eval"]
+    saved = snapshot(params)
+    stop = {"reason": "step budget"}
+    with job.timed("heal"), job.progress.stage("heal", total=max_steps) as st:
+        result = distil(
+            stack,
+            teacher,
+            windows.fit,
+            params,
+            last=last,
+            max_steps=max_steps,
+            max_seconds=max_seconds,
+            seed=job.spec.seed,
+            on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
+        )
+        if result.steps < max_steps:
+            stop["reason"] = f"time budget ({max_seconds:g} s)"
+            st.total = result.steps
+            st.advance(0, f"stopped after {result.steps} steps: {stop['reason']}")
+    for cache in (teacher.inputs, teacher.targets):
+        job.planner(stack).release(cache)
+    ppl, _ = perplexities(job, stack, {"validation": windows.validation}, "heal")
+    val_after = ppl["validation"]
+    kept = val_after < val_before
+    if not kept:
+        restore(params, saved)
+        job.notes.append("healing did not improve the validation slice; kept the fitted maps")
+    info = {
+        **result.as_dict(),
+        "stopped_by": stop["reason"],
+        "validation_before": val_before,
+        "validation_after": val_after,
+        "kept": "healed" if kept else "fitted",
+        "loss": teacher.loss_name,
+        "neighbour_layers": neighbours,
+        "trained_parameters": sum(p.numel() for p in params),
+    }
+    return eval_before, info
+
+
+def healed_layers_that_fit(job: Job, stack) -> int:
+    """NEIGHBOUR_LAYERS, or fewer when their weights, gradients and Adam state would not fit
+    the budget beside the trunk (streamed); 0 trains the maps' carriers only."""
+    from linearize.healing import NEIGHBOUR_LAYERS
+
+    placement = job.placement
+    if not stack.streamed:
+        return NEIGHBOUR_LAYERS
+    room = placement.budget_bytes - placement.trunk_bytes
+    per_layer = TRAINING_FACTOR * max(1, placement.largest_layer_bytes)
+    fits = min(NEIGHBOUR_LAYERS, room // per_layer)
+    if fits < NEIGHBOUR_LAYERS:
+        job.notes.append(
+            f"healing trains {fits} layer(s) after the cut instead of {NEIGHBOUR_LAYERS}: "
+            "that is what fits the memory budget with gradients and optimizer state"
+        )
+    return int(fits)
+
+
+def save_and_verify(
+    job: Job, loaded, windows, report: Report, output_dir: Path, force: bool, residuals
+) -> Report:
+    """Stage the checkpoint, reload it from disk, check it reproduces the in-memory model on
+    the validation slice, measure it on the evaluation windows, then publish atomically."""
+    from linearize.checkpoint import stage_checkpoint
+    from linearize.evaluation import count_parameters, parameter_bytes
+    from linearize.report import model_card, report_bundle_files
+
+    stack = loaded.stack
+    spec_json = job.spec.model_dump(mode="json")
+    with job.timed("save"), job.progress.stage("save", total=1):
+        staged = stage_checkpoint(
+            stack, loaded.tokenizer, output_dir, resolved_spec=spec_json, force=force
+        )
+    with staged:  # discarded unless published
+        with job.timed("verify"):
+            reloaded = job.load(str(staged.path)).stack
+        sets = {"validation": windows.validation, "eval": windows.eval}
+        ppl, seconds = perplexities(job, reloaded, sets, "verify")
+        _check_reload(ppl["validation"], report.perplexity.validation_compressed)
+        p = report.perplexity
+        p.compressed = p.reloaded = ppl["eval"]
+        p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
+        p.validation_reloaded = ppl["validation"]
+        report.throughput.tokens_per_s_after = windows.count("eval") / seconds["eval"]
+        model = reloaded.model
+        report.model.layers_after = len(reloaded.layers)
+        report.model.params_after = count_parameters(model)
+        report.model.bytes_after = parameter_bytes(model)
+        report.model.extra_params = _extra_params(model)
+        report.model.checkpoint_bytes = _dir_bytes(staged.path)
+        report.gate = _gate(job.spec, report)
+        report.execution = execution_info(job, stack)
+        report.timings = job.timings
+        report.output_dir = str(output_dir)
+        files = report_bundle_files(report, residuals=residuals)
+        files["README.md"] = model_card(report)
+        staged.publish(files)
+    return report
 
 
 def _check_reload(reloaded: float, in_memory: float) -> None:
@@ -507,12 +542,6 @@ def _gate(spec, report: Report) -> Gate | None:
     return Gate(passed=rule.passed, rules=[rule])
 
 
-def _layers_of(model):
-    from linearize.architectures import decoder_layers
-
-    return decoder_layers(model)
-
-
 def _extra_params(model) -> int:
     from linearize.surgery import LinearBlock
 
@@ -523,61 +552,3 @@ def _extra_params(model) -> int:
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def _model_info(loaded) -> ModelInfo:
-    from linearize.architectures import get_architecture, hidden_size, num_layers
-    from linearize.evaluation import count_parameters, parameter_bytes
-
-    model = loaded.model
-    return ModelInfo(
-        source=loaded.source,
-        architecture=get_architecture(model).name,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        hidden_size=hidden_size(model),
-        layers_before=num_layers(model),
-        params_before=count_parameters(model),
-        bytes_before=parameter_bytes(model),
-    )
-
-
-def _data_info(windows, model, reservoir_size) -> DataInfo:
-    from linearize.architectures import hidden_size
-
-    n_fit = windows.count("fit")
-    return DataInfo(
-        source=windows.source.name,
-        sha256=windows.source.sha256,
-        calib_tokens=n_fit + windows.count("validation"),
-        eval_tokens=windows.count("eval"),
-        validation_tokens=windows.count("validation"),
-        seq_len=windows.seq_len,
-        calib_windows=len(windows.fit) + len(windows.validation),
-        validation_windows=len(windows.validation),
-        eval_windows=0 if windows.eval is None else len(windows.eval),
-        calib_sha256=windows.calib_sha256,
-        eval_sha256=windows.eval_sha256 or "",
-        disjoint=True,
-        n_over_d=n_fit / hidden_size(model),
-        reservoir_size=reservoir_size,
-    )
-
-
-def _analysis_notes() -> str:
-    from linearize.analysis import ANALYSIS_NOTES
-
-    return ANALYSIS_NOTES
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from linearize import __version__
-
-    return {
-        "linearize": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }

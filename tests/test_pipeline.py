@@ -177,10 +177,11 @@ def test_analyze_reports_every_layer_with_its_scores(tiny_llama, data, tmp_path)
 
 
 def test_planted_outlier_tokens_are_the_listed_trigger_tokens(tiny_llama, data):
+    from linearize.activations import CachePlanner, Spill
     from linearize.analysis import analyze
     from linearize.data import build_windows, read_text
     from linearize.loading import load_model
-    from linearize.progress import Progress
+    from linearize.stack import LayerStack
 
     loaded = load_model(str(tiny_llama))
     windows = build_windows(
@@ -189,18 +190,19 @@ def test_planted_outlier_tokens_are_the_listed_trigger_tokens(tiny_llama, data):
     counts = torch.bincount(windows.validation.reshape(-1), minlength=260)
     n = windows.validation.numel()
     planted = int(torch.nonzero((counts >= 5) & (counts <= 0.008 * n))[0])
-    current_ids = {}
     model = loaded.model
-    model.model.embed_tokens.register_forward_pre_hook(
-        lambda _m, args: current_ids.__setitem__("ids", args[0])
-    )
+    stack = LayerStack(model=model, device=torch.device("cpu"))
+    sets = {"fit": windows.fit, "validation": windows.validation}
 
     def nonlinear_on_planted(_module, _args, output):
-        mask = (current_ids["ids"] == planted).unsqueeze(-1).to(output.dtype)
+        name, rows = stack.current  # the layer-by-layer pass says which windows are running
+        mask = (sets[name][rows] == planted).unsqueeze(-1).to(output.dtype)
         return output + 25.0 * mask * torch.sign(output)
 
     model.model.layers[2].register_forward_hook(nonlinear_on_planted)
-    analysis = analyze(model, windows, loaded.tokenizer, Progress())
+    with Spill() as spill:
+        planner = CachePlanner(stack.device, 1 << 40, spill)
+        analysis, _, _ = analyze(stack, planner, windows, loaded.tokenizer)
     layer = analysis.layers[2]
     token = loaded.tokenizer.decode([planted])
     assert [t["token"] for t in layer["trigger_tokens"]] == [token] * 5

@@ -1,0 +1,127 @@
+"""One run's context, shared by every stage: spec, progress, timings, notes, memory placement.
+
+The stages themselves live with their subject (analysis, fitting, healing, evaluation,
+checkpoint); `Job` gives them the model as a LayerStack placed for the memory budget, the
+windows, an activation-cache planner and the spill directory that `close` always removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+from linearize.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    def __init__(self, spec, progress: Progress):
+        self.spec = spec
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.placement = None
+        self._spill = None
+        self._planner = None
+
+    @contextmanager
+    def timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    def close(self) -> None:
+        """Remove every spilled activation file, whatever happened to the run."""
+        if self._spill is not None:
+            self._spill.close()
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def text(self):
+        """The data source, read once; read before the model so bad data fails in a second."""
+        from linearize.data import load_source
+
+        if not hasattr(self, "_text"):
+            self._text = load_source(self.spec.data)
+        return self._text
+
+    def load(self, source: str, *, activation_tokens: int = 0):
+        """The model as a LayerStack (`loaded.stack`), resident or streamed for the budget."""
+        from linearize.memory import peak_bytes, reset_peak
+        from linearize.placement import open_stack
+
+        self.text()
+        self.spill()  # a bad --host-budget fails before the model is read
+        with self.timed("load"), self.progress.stage("load", total=1, message=source):
+            loaded, placement = open_stack(
+                source,
+                dtype=self.spec.dtype,
+                device=self.spec.device,
+                use_cache=getattr(self.spec, "use_cache", True),
+                streaming=self.spec.streaming,
+                memory_budget=self.spec.memory_budget,
+                activation_tokens=activation_tokens,
+            )
+        if self.placement is None:
+            self.placement = placement
+            reset_peak(loaded.stack.device)
+            log.debug("peak after load: %d", peak_bytes(loaded.stack.device))
+        return loaded
+
+    def windows(self, tokenizer, eval_tokens: int | None):
+        from linearize.data import build_windows
+
+        with self.timed("data"), self.progress.stage("data", total=1):
+            return build_windows(
+                tokenizer,
+                self.text(),
+                calib_tokens=self.spec.calib_tokens,
+                eval_tokens=eval_tokens,
+                seq_len=self.spec.seq_len,
+                validation_fraction=self.spec.validation_fraction,
+            )
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def spill(self):
+        from linearize import cache
+        from linearize.activations import Spill
+        from linearize.memory import parse_size
+
+        if self._spill is None:
+            text = self.spec.host_budget
+            always = text is not None and float(_number(text)) == 0
+            host = None if text is None or always else parse_size(text)
+            self._spill = Spill(parent=cache.cache_dir() / "spill", host_budget=host, always=always)
+        return self._spill
+
+    def planner(self, stack):
+        """Activation caches go on the device while the budget lasts (after the weights)."""
+        from linearize.activations import CachePlanner
+
+        if self._planner is None:
+            p = self.placement
+            held = (
+                p.weight_bytes
+                if p.mode == "resident"
+                else p.trunk_bytes + 3 * p.largest_layer_bytes
+            )
+            free = max(0, int(p.budget_bytes * 0.75) - held)
+            self._planner = CachePlanner(stack.device, free, self.spill())
+        return self._planner
+
+    @contextmanager
+    def pass_stage(self, name: str, stack, windows: dict, message: str = ""):
+        """A progress bar over one layer-by-layer pass (every window through every layer)."""
+        from linearize.evaluation import pass_length
+
+        with self.progress.stage(name, total=pass_length(stack, windows), message=message) as st:
+            yield st
+
+
+def _number(text: str) -> str:
+    return "".join(ch for ch in text if ch.isdigit() or ch == ".") or "0"

@@ -1,0 +1,112 @@
+"""Memory budgets: parse `--memory-budget`, see what a device has free, measure the peak.
+
+The budget bounds what the engine keeps on the compute device (the GPU, or host RAM when the
+device is the CPU): weights of the layers being run, the activation cache, statistics. `auto`
+is what the device has free when the job starts, minus a margin for the framework's own
+buffers and fragmentation.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+
+from linearize.errors import InputError
+
+AUTO_MARGIN_FRACTION = 0.10
+AUTO_MARGIN_MIN = 1 << 30  # 1 GiB
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """'12GB' -> 12e9 bytes, '512MiB' -> 512 * 2**20, an int is bytes already."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise InputError(
+                f"cannot read the memory size {text!r}: use a number with a unit such as "
+                "24GB, 12GiB or 512MB (or `auto`)"
+            )
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise InputError(f"a memory budget must be positive, got {text!r}")
+    return size
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def free_bytes(device) -> int:
+    """What the device has free now: CUDA's free memory, or MemAvailable of the host."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = resource.getpagesize()
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * pages
+
+
+def resolve_budget(budget: str | int, device) -> int:
+    """Bytes the job may keep on `device`: a parsed size, or `auto` = free minus a margin."""
+    if budget == "auto":
+        free = free_bytes(device)
+        return max(0, free - max(AUTO_MARGIN_MIN, int(free * AUTO_MARGIN_FRACTION)))
+    return parse_size(budget)
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device) -> int:
+    """Peak memory of this process on `device`: CUDA's allocator peak, else the peak RSS."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

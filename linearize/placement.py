@@ -1,0 +1,284 @@
+"""Resident or streamed: open a model as a LayerStack that fits the memory budget.
+
+`open_stack` reads the checkpoint's shard headers (no tensor data), compares what the job would
+hold with everything resident against the budget, and then either loads the whole model (the
+regular transformers path) or builds a skeleton whose decoder layers stay in the shards until a
+pass needs them (linearize.stack). A budget too small for one decoder layer plus the trunk is
+refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from linearize.errors import BudgetError, InputError, ModelSourceError
+
+log = logging.getLogger(__name__)
+
+STREAMING_MODES = ("auto", "on", "off")
+# What a pass holds besides weights and caches (per-layer Grams, head chunks, allocator slack),
+# as a share of the budget: a model is streamed unless it fits in the rest.
+WORKING_MARGIN = 0.25
+
+
+@dataclass
+class Placement:
+    mode: str  # resident | streamed
+    budget_bytes: int
+    weight_bytes: int
+    largest_layer_bytes: int
+    trunk_bytes: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def open_stack(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    use_cache: bool = True,
+    streaming: str = "auto",
+    memory_budget: str | int = "auto",
+    activation_tokens: int = 0,
+):
+    """(LoadedModel with a `.stack`, Placement) for any supported model source."""
+    from linearize.loading import load_model, resolve_device
+    from linearize.memory import resolve_budget
+
+    if streaming not in STREAMING_MODES:
+        raise InputError(f"--streaming must be one of {', '.join(STREAMING_MODES)}")
+    device = resolve_device(device)
+    budget = resolve_budget(memory_budget, device)
+    directory, prefix = weights_directory(source, dtype=dtype, use_cache=use_cache)
+    sizes = checkpoint_sizes(directory, prefix, dtype)
+    activation_bytes = activation_tokens * sizes["hidden"] * sizes["itemsize"]
+    placement = choose(streaming, budget, sizes, activation_bytes)
+    log.info("placement: %s (%s)", placement.mode, placement.reason)
+    if placement.mode == "resident":
+        loaded = load_model(source, dtype=dtype, device=device, use_cache=use_cache)
+        loaded.stack = _resident_stack(loaded.model, device)
+    else:
+        loaded = _open_streamed(source, directory, prefix, dtype, device)
+    return loaded, placement
+
+
+def choose(streaming: str, budget: int, sizes: dict, activation_bytes: int) -> Placement:
+    def placement(mode: str, reason: str) -> Placement:
+        return Placement(
+            mode=mode,
+            budget_bytes=budget,
+            weight_bytes=sizes["total"],
+            largest_layer_bytes=sizes["largest_layer"],
+            trunk_bytes=sizes["trunk"],
+            reason=reason,
+        )
+
+    from linearize.memory import format_size
+
+    floor = sizes["trunk"] + sizes["largest_layer"] + sizes["head"]
+    if streaming != "off" and budget < floor:
+        raise BudgetError(
+            f"the memory budget {format_size(budget)} is smaller than one decoder layer "
+            f"({format_size(sizes['largest_layer'])}) plus the embeddings, final norm and LM head "
+            f"({format_size(sizes['trunk'] + sizes['head'])}); give at least {format_size(floor)}"
+        )
+    need = sizes["total"] + activation_bytes
+    fits = need <= budget * (1 - WORKING_MARGIN)
+    if streaming == "on":
+        return placement("streamed", "--streaming on")
+    if streaming == "off":
+        return placement("resident", "--streaming off")
+    if fits:
+        return placement("resident", f"weights and activations ({format_size(need)}) fit")
+    return placement(
+        "streamed", f"weights and activations ({format_size(need)}) exceed the budget's 75%"
+    )
+
+
+def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
+    """Bytes of the whole checkpoint, its largest decoder layer, the trunk and an untied head,
+    in the dtype the job will run in (from the shard headers only)."""
+    from transformers import AutoConfig
+
+    from linearize.architectures import get_architecture, num_layers
+    from linearize.loading import torch_dtype
+    from linearize.weights import ShardedWeights
+
+    weights = ShardedWeights.open(directory, prefix)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    arch = get_architecture(config)
+    target = torch_dtype(dtype)
+
+    def size(entry) -> int:
+        if target is None or entry.dtype not in _FLOAT_NAMES:
+            return entry.nbytes
+        return entry.nbytes // _FLOAT_NAMES[entry.dtype] * target.itemsize
+
+    per_layer = [0] * num_layers(config)
+    trunk = head = 0
+    layer_prefix = arch.layers_path.split(".", 1)[-1] + "."  # keys may omit the base prefix
+    for key, entry in weights.entries.items():
+        rest = key.split(layer_prefix, 1)
+        if len(rest) == 2 and rest[1].split(".", 1)[0].isdigit():
+            index = int(rest[1].split(".", 1)[0])
+            if index < len(per_layer):
+                per_layer[index] += size(entry)
+                continue
+        if key.startswith(("lm_head.", "embed_out.")):
+            head += size(entry)
+        else:
+            trunk += size(entry)
+    itemsize = target.itemsize if target is not None else _checkpoint_dtype(weights).itemsize
+    return {
+        "hidden": int(config.hidden_size),
+        "itemsize": itemsize,
+        "total": sum(per_layer) + trunk + head,
+        "largest_layer": max(per_layer, default=0),
+        "trunk": trunk,
+        "head": head,
+    }
+
+
+_FLOAT_NAMES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path, str]:
+    """The safetensors directory behind a model source, and its weight-file prefix.
+
+    A GGUF file (or the bundled alias) is converted into the cache first; a hub id is resolved
+    through the standard HF cache (HF_HUB_OFFLINE=1 works from a populated one).
+    """
+    from linearize import cache
+    from linearize.checkpoint import LINEAR_WEIGHTS_PREFIX, read_manifest
+    from linearize.loading import BUNDLED_ALIASES, bundled_gguf_path, load_model
+
+    if source in BUNDLED_ALIASES or source.endswith(".gguf"):
+        path = bundled_gguf_path(source) if source in BUNDLED_ALIASES else Path(source)
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file not found: {path}")
+        converted = cache.cache_dir() / "gguf" / cache.gguf_key(path)
+        if not (converted / "complete").is_file():
+            if not use_cache:
+                raise InputError("streaming a GGUF model needs its converted copy: drop --no-cache")
+            load_model(source, dtype=dtype, device="cpu", use_cache=True)  # converts once
+        return converted, "model"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        manifest = read_manifest(path)
+        linear = manifest is not None and manifest["format"] == "linear"
+        return path, LINEAR_WEIGHTS_PREFIX if linear else "model"
+    if source.startswith((".", "/", "~")) or path.suffix:
+        raise ModelSourceError(f"model path not found: {source}")
+    return _hub_snapshot(source), "model"
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+            )
+        )
+    except Exception as err:  # noqa: BLE001 - any hub failure is a bad model source here
+        raise ModelSourceError(f"cannot resolve {repo_id!r} to local safetensors: {err}") from err
+
+
+def _resident_stack(model, device: str):
+    import torch
+
+    from linearize.stack import LayerStack
+
+    return LayerStack(model=model, device=torch.device(device))
+
+
+def _open_streamed(source: str, directory: Path, prefix: str, dtype: str, device: str):
+    """A skeleton on `meta` whose trunk is read now and whose layers are read per pass."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from linearize.architectures import decoder_layers, get_architecture
+    from linearize.checkpoint import install_recorded_linear_blocks
+    from linearize.loading import LoadedModel, load_tokenizer, torch_dtype
+    from linearize.stack import LayerStack
+    from linearize.weights import ShardedWeights
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    weights = ShardedWeights.open(directory, prefix)
+    run_dtype = torch_dtype(dtype) or _checkpoint_dtype(weights)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=run_dtype)
+        install_recorded_linear_blocks(model)
+    weights.bind(model)
+    layers_path = get_architecture(model).layers_path
+    for index, layer in enumerate(decoder_layers(model)):
+        layer._linearize_source = f"{layers_path}.{index}."
+    stack = LayerStack(model=model.eval(), device=torch.device(device), weights=weights)
+    load_trunk(stack)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    loaded = LoadedModel(model, load_tokenizer(directory), source, "streamed")
+    loaded.stack = stack
+    return loaded
+
+
+def load_trunk(stack) -> None:
+    """Read every tensor outside the decoder layers and the output head; re-tie the head."""
+    from linearize.architectures import get_architecture
+
+    model = stack.model
+    layers_prefix = get_architecture(model).layers_path + "."
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    for name, module in model.named_modules():
+        if name.startswith(layers_prefix) or name + "." == layers_prefix:
+            continue
+        if module is head and not tied:
+            continue
+        own = {n: t for n, t in module.named_parameters(recurse=False)}
+        own.update(dict(module.named_buffers(recurse=False)))
+        if any(t.is_meta for t in own.values()):
+            _load_own(module, f"{name}." if name else "", stack)
+    if tied or getattr(model.config, "tie_word_embeddings", False):
+        head.weight = model.get_input_embeddings().weight
+
+
+def _load_own(module, prefix: str, stack) -> None:
+    """Load the meta tensors a module holds itself (not its children's)."""
+    import torch
+
+    names = [
+        n
+        for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if t.is_meta
+    ]
+    keys = {n: stack.weights.shard_key(prefix + n) for n in names}
+    present = {n: k for n, k in keys.items() if k in stack.weights}
+    tensors = stack.weights.read(present.values())
+    state = {}
+    for name, key in present.items():
+        tensor = tensors[key]
+        floating = tensor.is_floating_point()
+        state[name] = tensor.to(device=stack.device, dtype=stack.dtype if floating else None)
+    for name, tensor in state.items():
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[name] = tensor
+
+
+def _checkpoint_dtype(weights):
+    import torch
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for entry in weights.entries.values():
+        if entry.dtype in names:
+            return names[entry.dtype]
+    return torch.float32
