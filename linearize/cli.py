@@ -39,6 +39,26 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--memory-budget",
+        default="auto",
+        metavar="SIZE",
+        help="what the job may keep on the device, e.g. 24GB or 12GiB; "
+        "auto (default): what the device has free, minus a margin",
+    )
+    p.add_argument(
+        "--streaming",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="run one decoder layer at a time from the shards; auto (default): when the "
+        "model does not fit the memory budget",
+    )
+    p.add_argument(
+        "--host-budget",
+        metavar="SIZE",
+        help="host memory the activation caches may take before they spill to disk under "
+        "the cache dir (0: always spill); default: no limit",
+    )
     p.add_argument("--report", type=Path, help="write report.json here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
@@ -122,6 +142,9 @@ def spec_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
+        memory_budget=args.memory_budget,
+        streaming=args.streaming,
+        host_budget=args.host_budget,
     )
     if args.command == "analyze":
         return AnalyzeSpec(model=args.model, **common)

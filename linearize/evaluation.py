@@ -81,10 +81,9 @@ def evaluate_perplexity(model, windows: torch.Tensor, *, batch_size: int = 4) ->
     from linearize.activations import CachePlanner, Spill
     from linearize.stack import LayerStack
 
-    param = next(model.parameters())
-    stack = LayerStack(model=model, device=param.device, batch_size=batch_size)
+    stack = LayerStack.of(model, batch_size)
     with Spill() as spill:
-        planner = CachePlanner(param.device, 1 << 62, spill)
+        planner = CachePlanner(stack.device, 1 << 62, spill)
         ppl, _ = measure_perplexities(stack, planner, {"eval": windows})
     return ppl["eval"]
 

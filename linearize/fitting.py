@@ -168,10 +168,9 @@ def collect_span_stats(model, spans, windows, *, fmt: str, batch_size: int = 4):
     from linearize.activations import CachePlanner, Spill
     from linearize.stack import LayerStack
 
-    param = next(model.parameters())
-    stack = LayerStack(model=model, device=param.device, batch_size=batch_size)
+    stack = LayerStack.of(model, batch_size)
     with Spill() as spill:
-        planner = CachePlanner(param.device, 1 << 62, spill)
+        planner = CachePlanner(stack.device, 1 << 62, spill)
         stats, _, _ = fit_pass(stack, planner, spans, fmt, windows)
     return stats
 

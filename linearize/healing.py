@@ -78,9 +78,8 @@ def capture_teacher(model, windows: torch.Tensor, start: int, *, batch_size: int
     from linearize.fitting import fit_pass
     from linearize.stack import LayerStack
 
-    param = next(model.parameters())
-    stack = LayerStack(model=model, device=param.device, batch_size=batch_size)
-    planner = CachePlanner(param.device, 1 << 62, Spill())
+    stack = LayerStack.of(model, batch_size)
+    planner = CachePlanner(stack.device, 1 << 62, Spill())
     _, inputs, targets = fit_pass(stack, planner, [], "linear", windows, teacher_start=start)
     return TeacherCache(start, inputs, targets, "final")
 

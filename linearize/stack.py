@@ -62,6 +62,11 @@ class LayerStack:
     current: tuple[str, slice] | None = None  # (stream, rows) of the batch being run
     _calls: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(cls, model: nn.Module, batch_size: int = 4) -> LayerStack:
+        """A resident stack of an already loaded model (tests, benchmarks, plain helpers)."""
+        return cls(model=model, device=next(model.parameters()).device, batch_size=batch_size)
+
     # --- placement -------------------------------------------------------------------------
 
     @property
@@ -80,10 +85,10 @@ class LayerStack:
         """Layer `index` with its weights on the device (read from the shards if streamed)."""
         layer = self.layers[index]
         if self.streamed:
-            if is_kept(layer) or not _has_meta(layer):
-                layer.to(self.device)
-            else:
+            if _has_meta(layer):  # first use, or released: read it (again) from the shards
                 load_module(layer, layer_source(layer), self.weights, self.device, self.dtype)
+            else:  # a kept layer waiting in host memory
+                layer.to(self.device)
         return layer
 
     def release(self, index: int) -> None:

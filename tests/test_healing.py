@@ -1,4 +1,4 @@
-"""Healing mechanics: the loss is the centred-logit MSE, the suffix stack is exact, steps help."""
+"""Healing mechanics: the loss is the centred-logit MSE, the segment replay is exact, steps help."""
 
 import pytest
 import torch
@@ -12,20 +12,25 @@ from linearize.healing import (
     heal,
     healing_params,
     logit_metric,
-    suffix_stack,
 )
+from linearize.stack import LayerStack
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
-def test_suffix_stack_with_true_inputs_reproduces_the_full_model(arch):
+def test_segment_from_the_teachers_inputs_reproduces_the_full_model(arch):
     model = build_tiny_model(arch, initializer_range=0.2)
     ids = torch.randint(0, 256, (2, 24))
     cache = capture_teacher(model, ids, start=3)
-    with torch.no_grad(), suffix_stack(model, 3) as injector:
-        injector.hidden = cache.inputs
-        suffix = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-    assert torch.allclose(suffix, cache.finals, atol=1e-5)
-    assert len(decoder_layers(model)) == 6  # restored
+    stack = LayerStack.of(model)
+    with torch.no_grad():
+        hidden = cache.inputs[0:2]
+        for position in range(3, 6):
+            hidden = stack.call(position, decoder_layers(model)[position], hidden)
+        final = stack.finalize(hidden)
+        full = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    assert torch.allclose(final, cache.targets[0:2], atol=1e-5)
+    assert torch.allclose(final, full, atol=1e-5)
+    assert len(decoder_layers(model)) == 6  # the stand-ins are gone
 
 
 def test_metric_gives_the_mean_squared_centred_logit_difference():
@@ -35,7 +40,7 @@ def test_metric_gives_the_mean_squared_centred_logit_difference():
     z = (head(h_s) - head(h_t)).double()
     z = z - z.mean(-1, keepdim=True)
     expected = z.pow(2).mean(-1).mean()
-    got = centred_logit_mse(h_s, h_t, logit_metric(model))
+    got = centred_logit_mse(h_s, h_t, logit_metric(head.weight))
     assert got.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -48,10 +53,11 @@ def test_healing_lowers_the_distillation_loss_of_a_damaged_block():
     with torch.no_grad():
         projection.weight.mul_(0.0)  # damage: the block's MLP output is gone
     result = heal(
-        model,
+        LayerStack.of(model),
         cache,
         teacher_ids,
         [projection.weight],
+        last=5,
         max_steps=40,
         max_seconds=60,
         lr=1e-2,
@@ -75,7 +81,7 @@ def test_healing_trains_the_carriers_and_the_weight_matrices_of_the_next_layers_
     before = {n: p.clone() for n, p in model.named_parameters()}
     params = healing_params(model, [carrier], neighbours=2)
     assert sum(p is carrier for p in params) == 1  # listed once
-    heal(model, cache, ids, params, max_steps=3, max_seconds=60)
+    heal(LayerStack.of(model), cache, ids, params, last=5, max_steps=3, max_seconds=60)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     expected = {
         f"model.layers.{i}.{name}.weight"
@@ -118,10 +124,14 @@ def test_decayed_healing_moves_the_weights_less_late_than_early():
         carrier.mul_(0.5)
     trail = []
     heal(
-        model, cache, ids, [carrier], max_steps=8, max_seconds=600, lr=1e-2, decay=1.0,
+        LayerStack.of(model), cache, ids, [carrier], last=5, max_steps=8, max_seconds=600,
+        lr=1e-2, decay=1.0,
         on_step=lambda step, loss: trail.append(carrier.detach().clone()),
     )  # fmt: skip
     moves = [(b - a).abs().max().item() for a, b in zip(trail, trail[1:], strict=False)]
     assert moves[-1] < 0.4 * moves[0]  # Adam's step size ~ lr: 1/8 of the rate vs 7/8
     with pytest.raises(ValueError, match="fraction of the budget"):
-        heal(model, cache, ids, [carrier], max_steps=1, max_seconds=60, decay=1.5)
+        heal(
+            LayerStack.of(model), cache, ids, [carrier], last=5, max_steps=1, max_seconds=60,
+            decay=1.5,
+        )  # fmt: skip

@@ -1,0 +1,209 @@
+"""Streamed execution: one decoder layer at a time from the shards gives the resident results,
+under a memory budget, with activation caches that spill to disk and are always removed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, build_tiny_tokenizer, save_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from api_schemas import CompressSpec, DataSpec, EvalSpec
+from linearize import pipeline
+from linearize.data import find_wikitext
+from linearize.errors import BudgetError, Cancelled
+from linearize.weights import ShardedWeights
+
+SMALL = dict(calib_tokens=2048, seq_len=128, eval_tokens=1024, heal_steps=10, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DataSpec(path=str(find_wikitext()))
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory):
+    """A tiny llama written in several shards, the way big checkpoints arrive."""
+    directory = tmp_path_factory.mktemp("models") / "llama"
+    save_tiny_model("llama", directory, initializer_range=0.3)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="60KB")
+    (directory / "model.safetensors").unlink(missing_ok=True)
+    return directory
+
+
+def compress(model, data, out, **kw):
+    spec = CompressSpec(model=str(model), data=data, **{**SMALL, "layers": 2, **kw})
+    return pipeline.run(spec, output_dir=out)
+
+
+def test_the_tiny_model_is_sharded(sharded_llama):
+    assert len(list(sharded_llama.glob("model-*.safetensors"))) > 3
+
+
+@pytest.mark.parametrize("fmt", ["standard", "linear"])
+def test_streamed_and_resident_runs_agree(sharded_llama, data, tmp_path, fmt):
+    resident = compress(sharded_llama, data, tmp_path / "r", streaming="off", format=fmt)
+    streamed = compress(sharded_llama, data, tmp_path / "s", streaming="on", format=fmt)
+    assert resident.execution.mode == "resident" and streamed.execution.mode == "streamed"
+    assert streamed.replaced_layers == resident.replaced_layers
+    for a, b in zip(resident.linearity, streamed.linearity, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+        assert b.validation_error == pytest.approx(a.validation_error, rel=1e-6)
+    rp, sp = resident.perplexity, streamed.perplexity
+    assert sp.baseline == pytest.approx(rp.baseline, rel=1e-3)
+    assert sp.before_healing == pytest.approx(rp.before_healing, rel=1e-3)
+    assert streamed.selection["healing"]["loss"].startswith("MSE of the hidden states")
+    assert resident.selection["healing"]["loss"].startswith("centred-logit MSE")
+    # The streamed checkpoint is a real checkpoint: an independent eval reproduces its figure.
+    again = pipeline.run(
+        EvalSpec(model=str(tmp_path / "s"), data=data, eval_tokens=1024, seq_len=128)
+    )
+    assert again.perplexity.baseline == pytest.approx(sp.compressed, rel=1e-5)
+    if fmt == "standard":
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+        assert model.config.num_hidden_layers == 4
+
+
+def test_without_healing_streamed_and_resident_checkpoints_are_the_same_model(
+    sharded_llama, data, tmp_path
+):
+    resident = compress(sharded_llama, data, tmp_path / "r", streaming="off", heal_steps=0)
+    streamed = compress(sharded_llama, data, tmp_path / "s", streaming="on", heal_steps=0)
+    assert streamed.perplexity.compressed == pytest.approx(resident.perplexity.compressed, rel=1e-3)
+    a = ShardedWeights.open(tmp_path / "r")
+    b = ShardedWeights.open(tmp_path / "s")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for key in a.entries:
+        torch.testing.assert_close(b.read([key])[key], a.read([key])[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_budget_smaller_than_one_layer_is_refused_before_any_work(sharded_llama, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "linearize", "compress", "--model", str(sharded_llama),
+         "--data", str(find_wikitext()), "--layers", "2", "--output", str(out),
+         "--memory-budget", "10KB", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "smaller than one decoder layer" in result.stderr
+    assert not out.exists()
+    with pytest.raises(BudgetError, match="give at least"):
+        compress(sharded_llama, DataSpec(path=str(find_wikitext())), out, memory_budget="1KB")
+
+
+def test_a_bad_memory_size_is_rejected_by_the_spec(data):
+    with pytest.raises(ValueError, match="memory_budget"):
+        CompressSpec(model="m", data=data, layers=1, memory_budget="lots")
+
+
+def spill_files(cache_dir: Path) -> list[Path]:
+    return [p for p in (cache_dir / "spill").rglob("*") if p.is_file()]
+
+
+def test_activation_caches_spill_to_disk_when_told_and_are_removed(
+    sharded_llama, data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+
+    def watch(event):
+        seen.append(len(spill_files(tmp_path / "cache")))
+
+    spec = CompressSpec(
+        model=str(sharded_llama), data=data, **{**SMALL, "layers": 2}, host_budget="0"
+    )
+    spilled = pipeline.run(spec, output_dir=tmp_path / "spilled", progress=watch)
+    assert spilled.execution.spilled_caches >= 3
+    assert max(seen) >= 3, "the caches were files on disk while the job ran"
+    assert spill_files(tmp_path / "cache") == []
+    plain = compress(sharded_llama, data, tmp_path / "plain")
+    assert plain.execution.spilled_caches == 0
+    assert spilled.perplexity.compressed == pytest.approx(plain.perplexity.compressed, rel=1e-6)
+
+
+@pytest.mark.parametrize("failure", ["cancelled", "failed"])
+def test_spilled_files_are_removed_when_the_job_stops_early(
+    sharded_llama, data, tmp_path, monkeypatch, failure
+):
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+
+    def stop_in_the_fit_pass(event):
+        seen.append(len(spill_files(tmp_path / "cache")))
+        if event.stage == "fit" and event.current > 0:
+            raise Cancelled("cancelled") if failure == "cancelled" else RuntimeError("boom")
+
+    spec = CompressSpec(
+        model=str(sharded_llama), data=data, **{**SMALL, "layers": 2}, host_budget="0"
+    )
+    with pytest.raises((Cancelled, RuntimeError)):
+        pipeline.run(spec, output_dir=tmp_path / "out", progress=stop_in_the_fit_pass)
+    assert max(seen) > 0
+    assert spill_files(tmp_path / "cache") == []
+    assert not (tmp_path / "out").exists()
+
+
+# --- a model of a few hundred MB under a quarter of its size -----------------------------------
+
+PEAK_SCRIPT = """
+import json, resource, sys
+import torch, transformers  # noqa: F401  (the baseline: an empty torch process)
+if len(sys.argv) > 1:
+    from linearize.cli import main
+    code = main(sys.argv[1:])
+    assert code == 0, code
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def write_big_llama(directory: Path) -> int:
+    """A random-init Llama of ~420 MB (d = 1024, 8 layers) in shards of 100 MB; weight bytes."""
+    config = AutoConfig.for_model(
+        "llama",
+        **{**TINY_CONFIGS["llama"], "hidden_size": 1024, "intermediate_size": 2816,
+           "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory, max_shard_size="100MB")
+    build_tiny_tokenizer().save_pretrained(directory)
+    return ShardedWeights.open(directory).total_bytes
+
+
+def peak_of(args: list[str], cwd: Path) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, *args],
+        capture_output=True, text=True, timeout=1200, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+
+
+@pytest.mark.slow
+def test_a_model_four_times_the_budget_compresses_in_less_memory_than_its_weights(tmp_path):
+    weights = write_big_llama(tmp_path / "big")
+    assert len(list((tmp_path / "big").glob("model-*.safetensors"))) >= 4
+    baseline = peak_of([], tmp_path)
+    common = ["compress", "--model", str(tmp_path / "big"), "--data", str(find_wikitext()),
+              "--layers", "2", "--calib-tokens", "1536", "--eval-tokens", "512",
+              "--seq-len", "128", "--heal-steps", "5", "--no-cache", "--quiet"]  # fmt: skip
+    budget = str(weights // 4)
+    streamed = peak_of([*common, "--memory-budget", budget, "--output", "s",
+                        "--report", "s.json"], tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["execution"]["mode"] == "streamed"
+    assert streamed < weights + baseline, (streamed, weights, baseline)
+    resident = peak_of([*common, "--streaming", "off", "--output", "r",
+                        "--report", "r.json"], tmp_path)  # fmt: skip
+    assert resident > weights + baseline > streamed
+    other = json.loads((tmp_path / "r.json").read_text())
+    assert report["replaced_layers"] == other["replaced_layers"]
+    assert report["perplexity"]["baseline"] == pytest.approx(
+        other["perplexity"]["baseline"], rel=1e-3
+    )
