@@ -78,14 +78,23 @@ def pass_length(stack, windows: dict[str, torch.Tensor]) -> int:
 
 def evaluate_perplexity(model, windows: torch.Tensor, *, batch_size: int = 4) -> float:
     """Perplexity of a resident model on one window set (the same pass as the pipeline's)."""
+    return perplexity_from_nll(window_nll(model, windows, batch_size=batch_size), windows.shape[1])
+
+
+def window_nll(model, windows: torch.Tensor, *, batch_size: int = 4) -> torch.Tensor:
+    """Summed NLL per window (float64) of a resident model (benchmarks compare windows)."""
     from linearize.activations import CachePlanner, Spill
     from linearize.stack import LayerStack
 
     stack = LayerStack.of(model, batch_size)
+    meter = NllMeter({"eval": windows})
     with Spill() as spill:
         planner = CachePlanner(stack.device, 1 << 62, spill)
-        ppl, _ = measure_perplexities(stack, planner, {"eval": windows})
-    return ppl["eval"]
+        streams = stack.open_streams(planner, {"eval": windows})
+        stack.run(streams)
+        stack.run_head(streams, meter)
+        planner.release(streams["eval"].cache)
+    return meter.sums["eval"]
 
 
 def perplexity_from_nll(nll_per_window: torch.Tensor, seq_len: int) -> float:

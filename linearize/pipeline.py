@@ -482,7 +482,12 @@ def save_and_verify(
     spec_json = job.spec.model_dump(mode="json")
     with job.timed("save"), job.progress.stage("save", total=1):
         staged = stage_checkpoint(
-            stack, loaded.tokenizer, output_dir, resolved_spec=spec_json, force=force
+            stack,
+            loaded.tokenizer,
+            output_dir,
+            resolved_spec=spec_json,
+            force=force,
+            shard_size=shard_size(job.placement),
         )
     with staged:  # discarded unless published
         with job.timed("verify"):
@@ -509,6 +514,14 @@ def save_and_verify(
         files["README.md"] = model_card(report)
         staged.publish(files)
     return report
+
+
+def shard_size(placement) -> int:
+    """Bytes per written shard: the writer holds one shard, so a streamed job's shards are
+    an eighth of its budget (16 MB to 2 GB); a resident job writes 200 MB shards."""
+    if placement.mode == "resident":
+        return 200 * 10**6
+    return max(16 * 2**20, min(2 * 2**30, placement.budget_bytes // 8))
 
 
 def _check_reload(reloaded: float, in_memory: float) -> None:

@@ -58,6 +58,17 @@ def summary_lines(report: Report) -> list[str]:
             f"throughput {t.tokens_per_s_before:.0f} -> {t.tokens_per_s_after:.0f} "
             f"tokens/s ({t.device})"
         )
+    e = report.execution
+    if e is not None:
+        lines.append(
+            f"execution  {e.mode} on {e.device}, budget {_size(e.memory_budget_bytes)}, "
+            f"peak {_size(e.peak_memory_bytes)}"
+            + (
+                f", {e.spilled_caches} activation caches spilled to disk"
+                if e.spilled_caches
+                else ""
+            )
+        )
     if report.gate is not None:
         lines.append(
             "gate       "
@@ -132,6 +143,18 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
         out.append("")
     for name in plots:
         out += [f"![{name}]({name})", ""]
+    if report.execution is not None:
+        e = report.execution
+        out += [
+            "## Execution",
+            "",
+            f"Mode: **{e.mode}** ({e.reason}) on {e.device}. Memory budget "
+            f"{_size(e.memory_budget_bytes)}; weights {_size(e.weight_bytes)}, the largest "
+            f"decoder layer {_size(e.largest_layer_bytes)}; peak "
+            f"{'GPU memory allocated' if e.device.startswith('cuda') else 'resident set (RSS)'} "
+            f"{_size(e.peak_memory_bytes)}; activation caches spilled to disk: {e.spilled_caches}.",
+            "",
+        ]
     if report.notes:
         out += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     out += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items()), ""]
@@ -287,6 +310,12 @@ def _plot_tokens(plt, report: Report, residuals) -> bytes:
     ax.set_title("Where the nonlinearity lives: cumulative per-token residual")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _size(nbytes: int) -> str:
+    from linearize.memory import format_size
+
+    return format_size(nbytes)
 
 
 def _fmt(value, spec: str = ".2e") -> str:

@@ -74,3 +74,31 @@ def test_gguf_is_converted_once_and_read_back_identically(tmp_path, monkeypatch)
     fourth = load_model("smollm2-135m")  # ... and replaced by a good copy
     assert fourth.model.config._name_or_path == str(converted)
     assert torch.equal(fourth.model.state_dict()["lm_head.weight"], first_state["lm_head.weight"])
+
+
+def test_bundled_model_streamed_gives_the_resident_result(report_and_dir, tmp_path, wikitext_path):
+    """The same spec, one decoder layer at a time from the converted shards (the GGUF source
+    is streamed through its cached safetensors copy)."""
+    from api_schemas import CompressSpec, DataSpec
+    from linearize import pipeline
+
+    resident, _ = report_and_dir
+    spec = CompressSpec(
+        model="smollm2-135m",
+        data=DataSpec(path=str(wikitext_path)),
+        layers=2,
+        calib_tokens=2048,
+        eval_tokens=2048,
+        seq_len=512,
+        streaming="on",
+        memory_budget="200MB",
+    )
+    streamed = pipeline.run(spec, output_dir=tmp_path / "s")
+    assert streamed.execution.mode == "streamed" and resident.execution.mode == "resident"
+    assert streamed.replaced_layers == resident.replaced_layers
+    for a, b in zip(resident.linearity, streamed.linearity, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+    assert streamed.perplexity.baseline == pytest.approx(resident.perplexity.baseline, rel=1e-3)
+    assert streamed.perplexity.before_healing == pytest.approx(
+        resident.perplexity.before_healing, rel=1e-3
+    )

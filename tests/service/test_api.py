@@ -136,6 +136,17 @@ def test_submit_returns_202_with_the_job_object(api, dataset):
     assert api.get(job["urls"]["self"], headers=AUTH["alpha"]).json()["id"] == job["id"]
 
 
+def test_submit_takes_the_memory_budget_and_streaming_mode(api, dataset):
+    response = submit(
+        api, tiny_spec(dataset, memory_budget="12GB", streaming="on", host_budget="2GiB")
+    )
+    assert response.status_code == 202, response.text
+    spec = response.json()["spec"]
+    assert (spec["memory_budget"], spec["streaming"], spec["host_budget"]) == ("12GB", "on", "2GiB")
+    default = submit(api, tiny_spec(dataset)).json()["spec"]
+    assert (default["memory_budget"], default["streaming"]) == ("auto", "auto")
+
+
 def test_budget_above_l_minus_2_names_the_limit(api, dataset):
     bundled = {
         "kind": "compress",
@@ -172,6 +183,9 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
         ({"data": {}}, "exactly one of path, dataset_id, builtin"),
         ({"webhook_url": "http://evil.example.net/x"}, "not in LINEARIZE_WEBHOOK_ALLOWED_HOSTS"),
         ({"webhook_url": "ftp://hooks.example.com/x"}, "http(s)"),
+        ({"memory_budget": "lots"}, "memory_budget"),
+        ({"streaming": "sometimes"}, "streaming"),
+        ({"host_budget": "-1GB"}, "host_budget"),
     ],
 )
 def test_bad_submissions_are_422_with_a_reason(api, dataset, overrides, needle):
