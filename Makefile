@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
-.PHONY: setup browser demo test test-fast lint format bench bench-quality bench-service clean
+.PHONY: setup browser demo test test-fast lint format bench bench-quality bench-service bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-quality: setup
 
 bench-service: setup
 	$(PY) bench/load.py
+
+bench-ui: setup
+	$(PY) bench/ui_load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -51,14 +51,23 @@ const table = (head, rows, attrs = {}) =>
     h(
       "table",
       attrs,
-      h("thead", {}, h("tr", {}, head.map((c) => h("th", { class: c.num ? "num" : null }, c.label ?? c)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          head.map((c) => h("th", { class: c.num ? "num" : null }, c.label ?? c)),
+        ),
+      ),
       h("tbody", {}, rows),
     ),
   );
 
 // --- formatting ------------------------------------------------------------------------------
 
-const fmt = (v, digits = 2) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits));
+const fmt = (v, digits = 2) =>
+  v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits);
 const pct = (v) => (v === null || v === undefined ? "–" : `${v >= 0 ? "+" : ""}${Number(v).toFixed(2)} %`);
 
 function bytes(n) {
@@ -86,7 +95,7 @@ const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
 
 function budgetText(spec) {
   if (spec.kind !== "compress") return "–";
-  if (spec.layers != null) return `${spec.layers} layers`;
+  if (spec.layers != null) return `${spec.layers} layer${spec.layers === 1 ? "" : "s"}`;
   if (spec.indices != null) return `layers ${spec.indices.join(", ")}`;
   if (spec.target_ppl_increase != null) return `≤ ${spec.target_ppl_increase} % ppl`;
   return "–";
@@ -128,7 +137,8 @@ async function api(path, options = {}) {
 }
 
 async function report(jobId, signal) {
-  if (!reportCache.has(jobId)) reportCache.set(jobId, await api(`/v1/jobs/${encodeURIComponent(jobId)}/report`, { signal }));
+  if (!reportCache.has(jobId))
+    reportCache.set(jobId, await api(`/v1/jobs/${encodeURIComponent(jobId)}/report`, { signal }));
   return reportCache.get(jobId);
 }
 
@@ -230,13 +240,24 @@ function errorText(error) {
 function signInPage() {
   const message = sessionStorage.getItem("linearize.signinMessage");
   sessionStorage.removeItem("linearize.signinMessage");
-  const input = h("input", { type: "password", id: "api-key", name: "api-key", autocomplete: "off", required: true });
+  const input = h("input", {
+    type: "password",
+    id: "api-key",
+    name: "api-key",
+    autocomplete: "off",
+    required: true,
+  });
   const feedback = h("p", { id: "signin-error", class: "banner", hidden: !message }, message || "");
   const form = h(
     "form",
     { class: "card", id: "signin-form" },
-    h("div", { class: "field" }, h("label", { for: "api-key" }, "API key"), input,
-      h("p", { class: "hint" }, "Kept in this browser tab only (sessionStorage); sent as the Bearer header.")),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "api-key" }, "API key"),
+      input,
+      h("p", { class: "hint" }, "Kept in this browser tab only (sessionStorage); sent as the Bearer header."),
+    ),
     feedback,
     h("button", { class: "primary", type: "submit" }, "Sign in"),
   );
@@ -247,7 +268,8 @@ function signInPage() {
     try {
       const response = await request("/v1/jobs?limit=1", { key });
       if (response.status === 401) {
-        feedback.textContent = "This API key was not accepted. Check that it is complete and belongs to this service.";
+        feedback.textContent =
+          "This API key was not accepted. Check that it is complete and belongs to this service.";
         feedback.hidden = false;
         return;
       }
@@ -272,9 +294,12 @@ async function jobsPage(params, signal) {
   const query = new URLSearchParams({ limit: String(limit) });
   if (status) query.set("status", status);
   if (after) query.set("after", after);
-  const filter = h("select", { id: "status-filter", "aria-label": "Filter by status" },
+  const filter = h(
+    "select",
+    { id: "status-filter", "aria-label": "Filter by status" },
     h("option", { value: "" }, "all statuses"),
-    STATUSES.map((s) => h("option", { value: s, selected: s === status }, s)));
+    STATUSES.map((s) => h("option", { value: s, selected: s === status }, s)),
+  );
   filter.addEventListener("change", () => {
     const next = new URLSearchParams();
     if (filter.value) next.set("status", filter.value);
@@ -285,14 +310,39 @@ async function jobsPage(params, signal) {
   const pager = h("div", { class: "toolbar" });
   show(
     h("div", { class: "toolbar" }, h("h1", {}, "Jobs"), filter, link("/ui/submit", "Submit a job")),
-    h("div", { class: "card" }, h("div", { class: "table-wrap" }, h("table", { id: "jobs-table" },
-      h("thead", {}, h("tr", {}, ["status", "job", "kind", "model", "budget", "replaced", "ppl increase", "gate", "age"].map((c) => h("th", {}, c)))),
-      body)), pager),
+    h(
+      "div",
+      { class: "card" },
+      h(
+        "div",
+        { class: "table-wrap" },
+        h(
+          "table",
+          { id: "jobs-table" },
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["status", "job", "kind", "model", "budget", "replaced", "ppl increase", "gate", "age"].map(
+                (c) => h("th", {}, c),
+              ),
+            ),
+          ),
+          body,
+        ),
+      ),
+      pager,
+    ),
   );
   const page = await api(`/v1/jobs?${query}`, { signal });
   if (!page.items.length) body.append(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No jobs.")));
   for (const job of page.items) body.append(jobRow(job, signal));
-  if (after) pager.append(h("button", { class: "secondary", type: "button", on: { click: () => history.back() } }, "‹ Newer"));
+  if (after)
+    pager.append(
+      h("button", { class: "secondary", type: "button", on: { click: () => history.back() } }, "‹ Newer"),
+    );
   if (page.next_cursor) {
     const next = new URLSearchParams(query);
     next.set("after", page.next_cursor);
@@ -305,21 +355,28 @@ function jobRow(job, signal) {
   const replaced = h("td", {}, "–");
   const increase = h("td", { class: "num" }, "–");
   const gate = h("td", {}, "–");
-  const row = h("tr", { "data-job": job.id },
+  const row = h(
+    "tr",
+    { "data-job": job.id },
     h("td", {}, badge(job.status)),
     h("td", { class: "mono" }, link(`/ui/jobs/${encodeURIComponent(job.id)}`, job.id)),
     h("td", {}, job.kind),
     h("td", { class: "mono" }, modelText(job.spec)),
     h("td", {}, budgetText(job.spec)),
-    replaced, increase, gate,
-    h("td", { title: job.created_at }, age(job.created_at)));
+    replaced,
+    increase,
+    gate,
+    h("td", { title: job.created_at }, age(job.created_at)),
+  );
   if (job.status === "succeeded" && job.kind === "compress") {
     // The list API has no report fields; each finished row reads its report (cached).
-    report(job.id, signal).then((r) => {
-      replaced.textContent = r.replaced_layers.join(", ") || "–";
-      increase.textContent = pct(r.perplexity?.increase_pct);
-      if (r.gate) gate.replaceChildren(badge(r.gate.passed ? "passed" : "failed"));
-    }).catch(() => {});
+    report(job.id, signal)
+      .then((r) => {
+        replaced.textContent = r.replaced_layers.join(", ") || "–";
+        increase.textContent = pct(r.perplexity?.increase_pct);
+        if (r.gate) gate.replaceChildren(badge(r.gate.passed ? "passed" : "failed"));
+      })
+      .catch(() => {});
   }
   return row;
 }
@@ -327,57 +384,119 @@ function jobRow(job, signal) {
 // --- submit ----------------------------------------------------------------------------------
 
 function field(name, label, control, hint) {
-  return h("div", { class: "field", "data-field": name },
-    h("label", { for: control.id }, label), control,
+  return h(
+    "div",
+    { class: "field", "data-field": name },
+    h("label", { for: control.id }, label),
+    control,
     hint ? h("p", { class: "hint" }, hint) : null,
-    h("p", { class: "field-error", hidden: true }));
+    h("p", { class: "field-error", hidden: true }),
+  );
 }
 
 function submitPage() {
   const input = (id, attrs = {}) => h("input", { id, name: id, type: "text", ...attrs });
-  const kind = h("select", { id: "kind", name: "kind" }, h("option", { value: "compress" }, "compress"), h("option", { value: "analyze" }, "analyze"));
+  const kind = h(
+    "select",
+    { id: "kind", name: "kind" },
+    h("option", { value: "compress" }, "compress"),
+    h("option", { value: "analyze" }, "analyze"),
+  );
   const model = input("model", { value: "smollm2-135m" });
-  const budgetKind = h("select", { id: "budget-kind", "aria-label": "Budget kind" },
+  const budgetKind = h(
+    "select",
+    { id: "budget-kind", "aria-label": "Budget kind" },
     h("option", { value: "layers" }, "layers to replace"),
     h("option", { value: "indices" }, "layer indices (comma-separated)"),
-    h("option", { value: "target_ppl_increase" }, "target perplexity increase (%)"));
+    h("option", { value: "target_ppl_increase" }, "target perplexity increase (%)"),
+  );
   const budget = input("budget", { value: "2" });
-  const dataBuiltin = h("input", { type: "radio", name: "data-source", value: "builtin", id: "data-builtin", checked: true });
+  const dataBuiltin = h("input", {
+    type: "radio",
+    name: "data-source",
+    value: "builtin",
+    id: "data-builtin",
+    checked: true,
+  });
   const dataUpload = h("input", { type: "radio", name: "data-source", value: "upload", id: "data-upload" });
   const file = h("input", { type: "file", id: "data-file", accept: ".txt,.raw,.jsonl,text/plain" });
   const number = (id, value) => h("input", { id, name: id, type: "number", value, step: "any" });
   const calib = number("calib_tokens", "16384");
   const evalTokens = number("eval_tokens", "16384");
   const seqLen = number("seq_len", "512");
-  const format = h("select", { id: "format" }, h("option", { value: "standard" }, "standard (folded HF checkpoint)"), h("option", { value: "linear" }, "linear (maps kept as modules)"));
+  const format = h(
+    "select",
+    { id: "format" },
+    h("option", { value: "standard" }, "standard (folded HF checkpoint)"),
+    h("option", { value: "linear" }, "linear (maps kept as modules)"),
+  );
   const gate = number("gate_ppl_increase", "");
   const healSteps = number("heal_steps", "");
   const metadata = h("textarea", { id: "metadata", placeholder: "commit=abc123\nteam=platform" });
   const formError = h("p", { id: "form-error", class: "banner", hidden: true });
   const submit = h("button", { class: "primary", type: "submit" }, "Submit");
   const compressOnly = [];
-  const budgetField = h("div", { class: "field", "data-field": "budget" },
-    h("label", { for: "budget" }, "Budget"), h("div", { class: "toolbar" }, budgetKind, budget),
-    h("p", { class: "field-error", hidden: true }));
+  const budgetField = h(
+    "div",
+    { class: "field", "data-field": "budget" },
+    h("label", { for: "budget" }, "Budget"),
+    h("div", { class: "toolbar" }, budgetKind, budget),
+    h("p", { class: "field-error", hidden: true }),
+  );
   compressOnly.push(budgetField);
-  const dataField = h("div", { class: "field", "data-field": "data" },
+  const dataField = h(
+    "div",
+    { class: "field", "data-field": "data" },
     h("span", { class: "label" }, h("strong", {}, "Data")),
-    h("div", {}, h("label", { class: "choice" }, dataBuiltin, "builtin wikitext-2"),
-      h("label", { class: "choice" }, dataUpload, "upload a text file")),
-    file, h("p", { class: "hint" }, "UTF-8 text; the first half calibrates, the second half evaluates."),
-    h("p", { class: "field-error", hidden: true }));
+    h(
+      "div",
+      {},
+      h("label", { class: "choice" }, dataBuiltin, "builtin wikitext-2"),
+      h("label", { class: "choice" }, dataUpload, "upload a text file"),
+    ),
+    file,
+    h("p", { class: "hint" }, "UTF-8 text; the first half calibrates, the second half evaluates."),
+    h("p", { class: "field-error", hidden: true }),
+  );
   const evalField = field("eval_tokens", "Evaluation tokens", evalTokens);
   const formatField = field("format", "Format", format);
-  const gateField = field("gate_ppl_increase", "Quality gate: max perplexity increase (%)", gate, "Empty: no gate.");
-  const healField = field("heal_steps", "Healing steps", healSteps, "Empty: the default budget; 0 disables healing.");
+  const gateField = field(
+    "gate_ppl_increase",
+    "Quality gate: max perplexity increase (%)",
+    gate,
+    "Empty: no gate.",
+  );
+  const healField = field(
+    "heal_steps",
+    "Healing steps",
+    healSteps,
+    "Empty: the default budget; 0 disables healing.",
+  );
   compressOnly.push(evalField, formatField, gateField, healField);
-  const form = h("form", { class: "card", id: "submit-form", novalidate: true },
-    field("kind", "Kind", kind), field("model", "Model", model, "The bundled alias, or a directory / .gguf under the service's model roots."),
-    budgetField, dataField,
-    h("div", { class: "grid" }, field("calib_tokens", "Calibration tokens", calib), evalField, field("seq_len", "Sequence length", seqLen)),
+  const form = h(
+    "form",
+    { class: "card", id: "submit-form", novalidate: true },
+    field("kind", "Kind", kind),
+    field(
+      "model",
+      "Model",
+      model,
+      "The bundled alias, or a directory / .gguf under the service's model roots.",
+    ),
+    budgetField,
+    dataField,
+    h(
+      "div",
+      { class: "grid" },
+      field("calib_tokens", "Calibration tokens", calib),
+      evalField,
+      field("seq_len", "Sequence length", seqLen),
+    ),
     h("div", { class: "grid" }, formatField, gateField, healField),
     field("metadata", "Metadata (key=value per line)", metadata),
-    formError, submit);
+    formError,
+    submit,
+  );
   const sync = () => {
     for (const node of compressOnly) node.hidden = kind.value !== "compress";
     file.disabled = !dataUpload.checked;
@@ -415,7 +534,12 @@ function submitPage() {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors();
-    const spec = { kind: kind.value, model: model.value.trim(), calib_tokens: numberOrText(calib.value), seq_len: numberOrText(seqLen.value) };
+    const spec = {
+      kind: kind.value,
+      model: model.value.trim(),
+      calib_tokens: numberOrText(calib.value),
+      seq_len: numberOrText(seqLen.value),
+    };
     const meta = parseMetadata(metadata.value);
     if (meta.error) return setError("metadata", meta.error);
     spec.metadata = meta.value;
@@ -423,7 +547,8 @@ function submitPage() {
       spec.eval_tokens = numberOrText(evalTokens.value);
       spec.format = format.value;
       const raw = budget.value.trim();
-      if (budgetKind.value === "indices") spec.indices = raw ? raw.split(",").map((s) => numberOrText(s.trim())) : [];
+      if (budgetKind.value === "indices")
+        spec.indices = raw ? raw.split(",").map((s) => numberOrText(s.trim())) : [];
       else spec[budgetKind.value] = numberOrText(raw);
       if (gate.value.trim()) spec.gate_ppl_increase = numberOrText(gate.value);
       if (healSteps.value.trim()) spec.heal_steps = numberOrText(healSteps.value);
@@ -494,7 +619,10 @@ async function jobPage(jobId, signal) {
   } catch (error) {
     if (error.status !== 404) throw error;
     // Another tenant's job is "not found" here exactly as in the API.
-    show(h("h1", {}, "Job not found"), h("p", { class: "banner", id: "not-found" }, `No job ${jobId} for this API key (${errorText(error)}).`));
+    show(
+      h("h1", {}, "Job not found"),
+      h("p", { class: "banner", id: "not-found" }, `No job ${jobId} for this API key (${errorText(error)}).`),
+    );
     return;
   }
   const header = h("div");
@@ -508,30 +636,56 @@ async function jobPage(jobId, signal) {
 function renderJobHeader(container, job) {
   const spec = job.spec;
   const meta = Object.entries(job.metadata || {});
-  const details = h("dl", { class: "kv" },
-    h("dt", {}, "kind"), h("dd", {}, job.kind),
-    h("dt", {}, "model"), h("dd", { class: "mono", id: "job-model" }, modelText(spec)),
-    h("dt", {}, "budget"), h("dd", {}, budgetText(spec)),
-    h("dt", {}, "data"), h("dd", { class: "mono", id: "job-data" }, dataText(spec.data)),
-    h("dt", {}, "created"), h("dd", {}, when(job.created_at)),
-    h("dt", {}, "started"), h("dd", {}, when(job.started_at)),
-    h("dt", {}, "finished"), h("dd", {}, when(job.finished_at)),
-    h("dt", {}, "attempts"), h("dd", {}, String(job.attempts)));
+  const details = h(
+    "dl",
+    { class: "kv" },
+    h("dt", {}, "kind"),
+    h("dd", {}, job.kind),
+    h("dt", {}, "model"),
+    h("dd", { class: "mono", id: "job-model" }, modelText(spec)),
+    h("dt", {}, "budget"),
+    h("dd", {}, budgetText(spec)),
+    h("dt", {}, "data"),
+    h("dd", { class: "mono", id: "job-data" }, dataText(spec.data)),
+    h("dt", {}, "created"),
+    h("dd", {}, when(job.created_at)),
+    h("dt", {}, "started"),
+    h("dd", {}, when(job.started_at)),
+    h("dt", {}, "finished"),
+    h("dd", {}, when(job.finished_at)),
+    h("dt", {}, "attempts"),
+    h("dd", {}, String(job.attempts)),
+  );
   const metadata = meta.length
-    ? h("dl", { class: "kv", id: "job-metadata" }, meta.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]))
+    ? h(
+        "dl",
+        { class: "kv", id: "job-metadata" },
+        meta.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+      )
     : h("p", { class: "muted" }, "none");
   container.replaceChildren(
     h("div", { class: "toolbar" }, h("h1", { class: "mono" }, job.id), statusBadge(job.status)),
-    h("div", { class: "grid" },
+    h(
+      "div",
+      { class: "grid" },
       h("div", { class: "card" }, h("h3", {}, "Job"), details),
-      h("div", { class: "card" }, h("h3", {}, "Metadata"), metadata,
-        h("details", {}, h("summary", {}, "spec"), h("pre", {}, JSON.stringify(spec, null, 2))))),
+      h(
+        "div",
+        { class: "card" },
+        h("h3", {}, "Metadata"),
+        metadata,
+        h("details", {}, h("summary", {}, "spec"), h("pre", {}, JSON.stringify(spec, null, 2))),
+      ),
+    ),
   );
   if (spec.data?.dataset_id) {
-    api(`/v1/datasets/${encodeURIComponent(spec.data.dataset_id)}`).then((ds) => {
-      const node = container.querySelector("#job-data");
-      if (node) node.textContent = `${ds.id} · ${ds.filename ?? "(no file name)"} · ${bytes(ds.bytes)} · sha256 ${ds.sha256.slice(0, 12)}…`;
-    }).catch(() => {});
+    api(`/v1/datasets/${encodeURIComponent(spec.data.dataset_id)}`)
+      .then((ds) => {
+        const node = container.querySelector("#job-data");
+        if (node)
+          node.textContent = `${ds.id} · ${ds.filename ?? "(no file name)"} · ${bytes(ds.bytes)} · sha256 ${ds.sha256.slice(0, 12)}…`;
+      })
+      .catch(() => {});
   }
 }
 
@@ -557,26 +711,46 @@ async function renderLive(header, body, job, signal) {
       list.prepend(h("li", { class: "error" }, `cancel failed: ${errorText(error)}`));
     }
   });
-  body.replaceChildren(h("div", { class: "card", id: "live" },
-    h("div", { class: "toolbar" }, h("strong", {}, "Stage: "), stage, counter, cancel), bar, list));
+  body.replaceChildren(
+    h(
+      "div",
+      { class: "card", id: "live" },
+      h("div", { class: "toolbar" }, h("strong", {}, "Stage: "), stage, counter, cancel),
+      bar,
+      list,
+    ),
+  );
   let status = job.status;
-  await followEvents(job.id, null, (event) => {
-    events.push(event);
-    if (event.type === "status") {
-      status = event.status;
-      header.querySelector("#job-status").replaceWith(statusBadge(status));
-      if (status === "cancelling") cancel.disabled = true;
-    }
-    if (event.stage) {
-      stage.textContent = event.stage;
-      bar.value = event.total ? (100 * event.current) / event.total : 0;
-      counter.textContent = event.total ? `${event.current} / ${event.total}` : "";
-    }
-    if (event.message) {
-      list.prepend(h("li", {}, h("span", { class: "when" }, new Date(event.ts).toLocaleTimeString()), event.stage ? `[${event.stage}] ` : "", event.message));
-      while (list.children.length > 50) list.lastChild.remove();
-    }
-  }, signal);
+  await followEvents(
+    job.id,
+    null,
+    (event) => {
+      events.push(event);
+      if (event.type === "status") {
+        status = event.status;
+        header.querySelector("#job-status").replaceWith(statusBadge(status));
+        if (status === "cancelling") cancel.disabled = true;
+      }
+      if (event.stage) {
+        stage.textContent = event.stage;
+        bar.value = event.total ? (100 * event.current) / event.total : 0;
+        counter.textContent = event.total ? `${event.current} / ${event.total}` : "";
+      }
+      if (event.message) {
+        list.prepend(
+          h(
+            "li",
+            {},
+            h("span", { class: "when" }, new Date(event.ts).toLocaleTimeString()),
+            event.stage ? `[${event.stage}] ` : "",
+            event.message,
+          ),
+        );
+        while (list.children.length > 50) list.lastChild.remove();
+      }
+    },
+    signal,
+  );
   if (signal.aborted) return;
   const finished = await api(`/v1/jobs/${encodeURIComponent(job.id)}`, { signal });
   renderJobHeader(header, finished);
@@ -588,26 +762,54 @@ async function renderFinished(body, job, events, signal) {
     const all = events ?? (await allEvents(job.id, signal));
     const last = all.slice(-20).reverse();
     body.replaceChildren(
-      job.error ? h("div", { class: "banner", id: "job-error" }, h("strong", {}, `${job.error.code}: `), job.error.message)
+      job.error
+        ? h(
+            "div",
+            { class: "banner", id: "job-error" },
+            h("strong", {}, `${job.error.code}: `),
+            job.error.message,
+          )
         : h("div", { class: "banner", id: "job-error" }, `The job was ${job.status}.`),
       h("h2", {}, "Last events"),
-      h("div", { class: "card" }, h("ul", { class: "events" }, last.map((e) =>
-        h("li", {}, h("span", { class: "when" }, new Date(e.ts).toLocaleTimeString()), e.type === "status" ? `status ${e.status}: ` : e.stage ? `[${e.stage}] ` : "", e.message)))),
+      h(
+        "div",
+        { class: "card" },
+        h(
+          "ul",
+          { class: "events" },
+          last.map((e) =>
+            h(
+              "li",
+              {},
+              h("span", { class: "when" }, new Date(e.ts).toLocaleTimeString()),
+              e.type === "status" ? `status ${e.status}: ` : e.stage ? `[${e.stage}] ` : "",
+              e.message,
+            ),
+          ),
+        ),
+      ),
     );
     return;
   }
   const [rep, artifacts] = await Promise.all([
     report(job.id, signal),
-    job.kind === "compress" ? api(`/v1/jobs/${encodeURIComponent(job.id)}/artifacts`, { signal }).catch((e) => e) : null,
+    job.kind === "compress"
+      ? api(`/v1/jobs/${encodeURIComponent(job.id)}/artifacts`, { signal }).catch((e) => e)
+      : null,
   ]);
   const healing = rep.selection?.healing;
-  const healEvents = healing?.steps ? events ?? (await allEvents(job.id, signal)) : [];
+  const healEvents = healing?.steps ? (events ?? (await allEvents(job.id, signal))) : [];
   body.replaceChildren(...reportView(job, rep, artifacts, healEvents));
   if (job.kind === "compress") body.append(compareChooser(job, signal));
 }
 
 function stat(label, value, id) {
-  return h("div", { class: "stat", id }, h("div", { class: "label" }, label), h("div", { class: "value" }, value));
+  return h(
+    "div",
+    { class: "stat", id },
+    h("div", { class: "label" }, label),
+    h("div", { class: "value" }, value),
+  );
 }
 
 function reportView(job, rep, artifacts, events) {
@@ -615,38 +817,111 @@ function reportView(job, rep, artifacts, events) {
   const m = rep.model;
   const parts = [];
   const summary = [
-    stat("layers", m.layers_after != null ? `${m.layers_before} → ${m.layers_after}` : String(m.layers_before)),
-    stat("replaced", rep.replaced_layers.length ? rep.replaced_layers.join(", ") : "none", "summary-replaced"),
-    stat("parameters", m.params_after != null ? `${millions(m.params_before)} → ${millions(m.params_after)}` : millions(m.params_before)),
+    stat(
+      "layers",
+      m.layers_after != null ? `${m.layers_before} → ${m.layers_after}` : String(m.layers_before),
+    ),
+    stat(
+      "replaced",
+      rep.replaced_layers.length ? rep.replaced_layers.join(", ") : "none",
+      "summary-replaced",
+    ),
+    stat(
+      "parameters",
+      m.params_after != null
+        ? `${millions(m.params_before)} → ${millions(m.params_after)}`
+        : millions(m.params_before),
+    ),
   ];
   if (ppl) {
-    summary.push(stat("perplexity", ppl.compressed != null ? `${fmt(ppl.baseline)} → ${fmt(ppl.compressed)}` : fmt(ppl.baseline)));
+    summary.push(
+      stat(
+        "perplexity",
+        ppl.compressed != null ? `${fmt(ppl.baseline)} → ${fmt(ppl.compressed)}` : fmt(ppl.baseline),
+      ),
+    );
     if (ppl.increase_pct != null) summary.push(stat("increase", pct(ppl.increase_pct), "summary-increase"));
   }
   if (rep.gate) summary.push(stat("gate", rep.gate.passed ? "passed" : "failed", "summary-gate"));
   if (m.checkpoint_bytes != null) summary.push(stat("checkpoint", bytes(m.checkpoint_bytes)));
   if (rep.throughput?.tokens_per_s_after != null) {
-    summary.push(stat("tokens/s", `${Math.round(rep.throughput.tokens_per_s_before)} → ${Math.round(rep.throughput.tokens_per_s_after)}`));
+    summary.push(
+      stat(
+        "tokens/s",
+        `${Math.round(rep.throughput.tokens_per_s_before)} → ${Math.round(rep.throughput.tokens_per_s_after)}`,
+      ),
+    );
   }
-  parts.push(h("h2", {}, "Summary"), h("div", { class: "card" }, h("div", { class: "stats", id: "summary" }, summary),
-    rep.notes?.length ? h("ul", { class: "muted" }, rep.notes.map((n) => h("li", {}, n))) : null));
+  parts.push(
+    h("h2", {}, "Summary"),
+    h(
+      "div",
+      { class: "card" },
+      h("div", { class: "stats", id: "summary" }, summary),
+      rep.notes?.length
+        ? h(
+            "ul",
+            { class: "muted" },
+            rep.notes.map((n) => h("li", {}, n)),
+          )
+        : null,
+    ),
+  );
   if (rep.linearity?.length) parts.push(...linearitySection(rep));
   if (rep.compare?.length) parts.push(...compareReportSection(rep));
   if (ppl) parts.push(perplexitySection(rep, job));
   if (events?.length) {
     const curve = healingCurve(events);
     if (curve.length > 1) {
-      parts.push(h("h2", {}, "Healing"), h("div", { class: "card" },
-        h("div", { class: "chart-box" }, lineChart({ series: [{ name: "training loss", points: curve }], label: "Healing loss per step", xLabel: "step", marks: false, chartId: "healing" })),
-        h("p", { class: "muted" }, `${rep.selection.healing.steps} steps in ${fmt(rep.selection.healing.seconds, 1)} s; kept: ${rep.selection.healing.kept}. Loss sampled from the progress events.`)));
+      parts.push(
+        h("h2", {}, "Healing"),
+        h(
+          "div",
+          { class: "card" },
+          h(
+            "div",
+            { class: "chart-box" },
+            lineChart({
+              series: [{ name: "training loss", points: curve }],
+              label: "Healing loss per step",
+              xLabel: "step",
+              marks: false,
+              chartId: "healing",
+            }),
+          ),
+          h(
+            "p",
+            { class: "muted" },
+            `${rep.selection.healing.steps} steps in ${fmt(rep.selection.healing.seconds, 1)} s; kept: ${rep.selection.healing.kept}. Loss sampled from the progress events.`,
+          ),
+        ),
+      );
     }
   }
   const triggers = rep.linearity?.filter((l) => l.trigger_tokens?.length) ?? [];
   if (triggers.length) parts.push(triggerSection(rep, triggers));
   if (rep.gate) {
-    parts.push(h("h2", {}, "Gate"), h("div", { class: "card" }, table(["rule", { label: "limit", num: true }, { label: "value", num: true }, "result"],
-      rep.gate.rules.map((r) => h("tr", {}, h("td", {}, r.name), h("td", { class: "num" }, fmt(r.limit)), h("td", { class: "num" }, fmt(r.value)), h("td", {}, badge(r.passed ? "passed" : "failed")))),
-      { id: "gate-table" })));
+    parts.push(
+      h("h2", {}, "Gate"),
+      h(
+        "div",
+        { class: "card" },
+        table(
+          ["rule", { label: "limit", num: true }, { label: "value", num: true }, "result"],
+          rep.gate.rules.map((r) =>
+            h(
+              "tr",
+              {},
+              h("td", {}, r.name),
+              h("td", { class: "num" }, fmt(r.limit)),
+              h("td", { class: "num" }, fmt(r.value)),
+              h("td", {}, badge(r.passed ? "passed" : "failed")),
+            ),
+          ),
+          { id: "gate-table" },
+        ),
+      ),
+    );
   }
   if (artifacts) parts.push(artifactSection(job, artifacts));
   return parts;
@@ -654,52 +929,150 @@ function reportView(job, rep, artifacts, events) {
 
 function linearitySection(rep) {
   const replaced = rep.replaced_layers;
-  const charts = LINEARITY_METRICS.filter(([key]) => rep.linearity.some((l) => l[key] != null)).map(([key, label]) =>
-    h("div", {}, h("h3", {}, label), lineChart({
-      series: [{ name: key, points: rep.linearity.map((l) => ({ x: l.index, y: l[key], title: `layer ${l.index}: ${fmt(l[key], 5)}` })) }],
-      label: `${label} per layer`, xLabel: "layer", highlight: replaced, chartId: `linearity-${key}`,
-    })));
+  const charts = LINEARITY_METRICS.filter(([key]) => rep.linearity.some((l) => l[key] != null)).map(
+    ([key, label]) =>
+      h(
+        "div",
+        {},
+        h("h3", {}, label),
+        lineChart({
+          series: [
+            {
+              name: key,
+              points: rep.linearity.map((l) => ({
+                x: l.index,
+                y: l[key],
+                title: `layer ${l.index}: ${fmt(l[key], 5)}`,
+              })),
+            },
+          ],
+          label: `${label} per layer`,
+          xLabel: "layer",
+          highlight: replaced,
+          chartId: `linearity-${key}`,
+        }),
+      ),
+  );
   return [
     h("h2", {}, "Linearity per layer"),
-    h("div", { class: "card" }, h("div", { class: "charts" }, charts),
-      h("div", { class: "legend" }, h("span", {}, h("span", { class: "swatch hl" }), "replaced layers"),
-        h("span", {}, "paper score: R² of the layer output on its input (1 = linear)")),
-      rep.linearity_notes ? h("p", { class: "hint" }, rep.linearity_notes) : null),
+    h(
+      "div",
+      { class: "card" },
+      h("div", { class: "charts" }, charts),
+      h(
+        "div",
+        { class: "legend" },
+        h("span", {}, h("span", { class: "swatch hl" }), "replaced layers"),
+        h("span", {}, "paper score: R² of the layer output on its input (1 = linear)"),
+      ),
+      rep.linearity_notes ? h("p", { class: "hint" }, rep.linearity_notes) : null,
+    ),
   ];
 }
 
 function compareReportSection(rep) {
-  const series = rep.compare.map((entry, i) => ({ name: entry.model, cls: `c${i % 4}`, points: entry.layers.map((l) => ({ x: l.index, y: l.score, title: `${entry.model} layer ${l.index}: ${fmt(l.score, 5)}` })) }));
+  const series = rep.compare.map((entry, i) => ({
+    name: entry.model,
+    cls: `c${i % 4}`,
+    points: entry.layers.map((l) => ({
+      x: l.index,
+      y: l.score,
+      title: `${entry.model} layer ${l.index}: ${fmt(l.score, 5)}`,
+    })),
+  }));
   const rows = [];
   for (const entry of rep.compare.slice(1)) {
     for (const d of entry.differences ?? []) {
-      rows.push(h("tr", {}, h("td", { class: "mono" }, entry.model), h("td", { class: "num" }, String(d.index)),
-        ...["score", "score_without_residual", "anisotropy", "intrinsic_dimension"].map((k) => h("td", { class: "num" }, fmt(d[k], 5)))));
+      rows.push(
+        h(
+          "tr",
+          {},
+          h("td", { class: "mono" }, entry.model),
+          h("td", { class: "num" }, String(d.index)),
+          ...["score", "score_without_residual", "anisotropy", "intrinsic_dimension"].map((k) =>
+            h("td", { class: "num" }, fmt(d[k], 5)),
+          ),
+        ),
+      );
     }
   }
   return [
     h("h2", {}, "Models compared"),
-    h("div", { class: "card" }, h("div", { class: "chart-box" }, lineChart({ series, label: "paper score per layer, each model", xLabel: "layer", chartId: "compare-score" })),
-      h("div", { class: "legend" }, series.map((s) => h("span", {}, h("span", { class: `swatch ${s.cls}` }), s.name))),
+    h(
+      "div",
+      { class: "card" },
+      h(
+        "div",
+        { class: "chart-box" },
+        lineChart({
+          series,
+          label: "paper score per layer, each model",
+          xLabel: "layer",
+          chartId: "compare-score",
+        }),
+      ),
+      h(
+        "div",
+        { class: "legend" },
+        series.map((s) => h("span", {}, h("span", { class: `swatch ${s.cls}` }), s.name)),
+      ),
       h("h3", {}, "Per-layer differences (model − first)"),
-      table(["model", { label: "layer", num: true }, { label: "Δ score", num: true }, { label: "Δ w/o residual", num: true }, { label: "Δ anisotropy", num: true }, { label: "Δ intrinsic dim", num: true }], rows)),
+      table(
+        [
+          "model",
+          { label: "layer", num: true },
+          { label: "Δ score", num: true },
+          { label: "Δ w/o residual", num: true },
+          { label: "Δ anisotropy", num: true },
+          { label: "Δ intrinsic dim", num: true },
+        ],
+        rows,
+      ),
+    ),
   ];
 }
 
 function perplexitySection(rep, job) {
   const ppl = rep.perplexity;
   const bars = [{ label: "baseline", value: ppl.baseline, text: fmt(ppl.baseline), cls: "c0" }];
-  if (ppl.before_healing != null) bars.push({ label: "replaced, before healing", value: ppl.before_healing, text: fmt(ppl.before_healing), cls: "c1" });
-  if (ppl.compressed != null) bars.push({ label: "reloaded checkpoint", value: ppl.compressed, text: fmt(ppl.compressed), cls: "c2" });
+  if (ppl.before_healing != null)
+    bars.push({
+      label: "replaced, before healing",
+      value: ppl.before_healing,
+      text: fmt(ppl.before_healing),
+      cls: "c1",
+    });
+  if (ppl.compressed != null)
+    bars.push({ label: "reloaded checkpoint", value: ppl.compressed, text: fmt(ppl.compressed), cls: "c2" });
   const limit = job.spec.gate_ppl_increase ?? job.spec.target_ppl_increase;
-  const reference = limit != null ? { value: ppl.baseline * (1 + limit / 100), label: `budget +${limit} %` } : null;
-  const rows = [["baseline", ppl.baseline], ["before healing", ppl.before_healing], ["reloaded (published)", ppl.reloaded ?? ppl.compressed],
-    ["validation baseline", ppl.validation_baseline], ["validation compressed", ppl.validation_compressed], ["validation reloaded", ppl.validation_reloaded]]
-    .filter(([, v]) => v != null).map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", { class: "num" }, fmt(v, 3))));
-  return h("div", {}, h("h2", {}, "Perplexity"), h("div", { class: "card" },
-    h("div", { class: "side" }, barChart({ bars, reference, label: "Perplexity on the evaluation windows", chartId: "perplexity" }),
-      table(["measure", { label: "perplexity", num: true }], rows, { id: "ppl-table" })),
-    h("p", { class: "hint" }, ppl.definition)));
+  const reference =
+    limit != null ? { value: ppl.baseline * (1 + limit / 100), label: `budget +${limit} %` } : null;
+  const rows = [
+    ["baseline", ppl.baseline],
+    ["before healing", ppl.before_healing],
+    ["reloaded (published)", ppl.reloaded ?? ppl.compressed],
+    ["validation baseline", ppl.validation_baseline],
+    ["validation compressed", ppl.validation_compressed],
+    ["validation reloaded", ppl.validation_reloaded],
+  ]
+    .filter(([, v]) => v != null)
+    .map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", { class: "num" }, fmt(v, 3))));
+  return h(
+    "div",
+    {},
+    h("h2", {}, "Perplexity"),
+    h(
+      "div",
+      { class: "card" },
+      h(
+        "div",
+        { class: "side" },
+        barChart({ bars, reference, label: "Perplexity on the evaluation windows", chartId: "perplexity" }),
+        table(["measure", { label: "perplexity", num: true }], rows, { id: "ppl-table" }),
+      ),
+      h("p", { class: "hint" }, ppl.definition),
+    ),
+  );
 }
 
 function healingCurve(events) {
@@ -713,18 +1086,40 @@ function healingCurve(events) {
 
 function triggerSection(rep, layers) {
   const replaced = new Set(rep.replaced_layers);
-  const ordered = [...layers].sort((a, b) => Number(replaced.has(b.index)) - Number(replaced.has(a.index)) || a.index - b.index);
-  const rows = (list) => list.flatMap((l) => l.trigger_tokens.map((t) => h("tr", { class: replaced.has(l.index) ? "replaced" : null },
-    h("td", { class: "num" }, String(l.index)), h("td", { class: "mono" }, JSON.stringify(t.token)), h("td", { class: "mono" }, t.context),
-    h("td", { class: "num" }, `${(100 * t.residual_share).toFixed(1)} %`))));
+  const ordered = [...layers].sort(
+    (a, b) => Number(replaced.has(b.index)) - Number(replaced.has(a.index)) || a.index - b.index,
+  );
+  const rows = (list) =>
+    list.flatMap((l) =>
+      l.trigger_tokens.map((t) =>
+        h(
+          "tr",
+          { class: replaced.has(l.index) ? "replaced" : null },
+          h("td", { class: "num" }, String(l.index)),
+          h("td", { class: "mono" }, JSON.stringify(t.token)),
+          h("td", { class: "mono" }, t.context),
+          h("td", { class: "num" }, `${(100 * t.residual_share).toFixed(1)} %`),
+        ),
+      ),
+    );
   const head = [{ label: "layer", num: true }, "token", "context", { label: "share of residual", num: true }];
   const mine = ordered.filter((l) => replaced.has(l.index));
   const others = ordered.filter((l) => !replaced.has(l.index));
   // The replaced layers matter most; the others are one click away.
   const primary = mine.length ? mine : others;
-  return h("div", {}, h("h2", {}, "Tokens that trigger the largest residuals"), h("div", { class: "card" },
-    table(head, rows(primary), { id: "trigger-table" }),
-    mine.length && others.length ? h("details", {}, h("summary", {}, `the other ${others.length} layers`), table(head, rows(others))) : null));
+  return h(
+    "div",
+    {},
+    h("h2", {}, "Tokens that trigger the largest residuals"),
+    h(
+      "div",
+      { class: "card" },
+      table(head, rows(primary), { id: "trigger-table" }),
+      mine.length && others.length
+        ? h("details", {}, h("summary", {}, `the other ${others.length} layers`), table(head, rows(others)))
+        : null,
+    ),
+  );
 }
 
 function artifactSection(job, artifacts) {
@@ -738,13 +1133,45 @@ function artifactSection(job, artifacts) {
       event.preventDefault();
       download(job.id, a, check);
     });
-    return h("tr", {}, h("td", { class: "mono" }, button), h("td", { class: "num" }, bytes(a.size)), h("td", { class: "mono sha" }, a.sha256), h("td", {}, check));
+    return h(
+      "tr",
+      {},
+      h("td", { class: "mono" }, button),
+      h("td", { class: "num" }, bytes(a.size)),
+      h("td", { class: "mono sha" }, a.sha256),
+      h("td", {}, check),
+    );
   });
-  return h("div", {}, h("h2", {}, "Artifacts"), h("div", { class: "card" },
-    table(["file", { label: "size", num: true }, "sha256", ""], rows, { id: "artifact-table" }),
-    h("p", { class: "hint" }, `${artifacts.items.length} files, ${bytes(artifacts.total_bytes)}. `,
-      h("a", { href: "#", id: "download-tar", on: { click: (e) => { e.preventDefault(); download(job.id, { path: "checkpoint.tar", whole: true }, e.target.nextSibling); } } }, "the whole checkpoint as a tar"),
-      h("span", { class: "muted" }))));
+  return h(
+    "div",
+    {},
+    h("h2", {}, "Artifacts"),
+    h(
+      "div",
+      { class: "card" },
+      table(["file", { label: "size", num: true }, "sha256", ""], rows, { id: "artifact-table" }),
+      h(
+        "p",
+        { class: "hint" },
+        `${artifacts.items.length} files, ${bytes(artifacts.total_bytes)}. `,
+        h(
+          "a",
+          {
+            href: "#",
+            id: "download-tar",
+            on: {
+              click: (e) => {
+                e.preventDefault();
+                download(job.id, { path: "checkpoint.tar", whole: true }, e.target.nextSibling);
+              },
+            },
+          },
+          "the whole checkpoint as a tar",
+        ),
+        h("span", { class: "muted" }),
+      ),
+    ),
+  );
 }
 
 // Downloads go through fetch (they need the Bearer header), then a blob link; the digest is
@@ -752,9 +1179,15 @@ function artifactSection(job, artifacts) {
 async function download(jobId, artifact, status) {
   status.textContent = " downloading…";
   try {
-    const path = artifact.whole ? "checkpoint.tar" : `artifacts/${artifact.path.split("/").map(encodeURIComponent).join("/")}`;
+    const path = artifact.whole
+      ? "checkpoint.tar"
+      : `artifacts/${artifact.path.split("/").map(encodeURIComponent).join("/")}`;
     const response = await request(`/v1/jobs/${encodeURIComponent(jobId)}/${path}`);
-    if (!response.ok) throw new ApiError(response.status, (await response.json().catch(() => null))?.detail ?? response.statusText);
+    if (!response.ok)
+      throw new ApiError(
+        response.status,
+        (await response.json().catch(() => null))?.detail ?? response.statusText,
+      );
     const blob = await response.blob();
     if (!artifact.whole && crypto.subtle) {
       const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());
@@ -765,7 +1198,11 @@ async function download(jobId, artifact, status) {
       status.textContent = "";
     }
     const url = URL.createObjectURL(blob);
-    const anchor = h("a", { href: url, download: artifact.whole ? `${jobId}.tar` : artifact.path.split("/").pop(), hidden: true });
+    const anchor = h("a", {
+      href: url,
+      download: artifact.whole ? `${jobId}.tar` : artifact.path.split("/").pop(),
+      hidden: true,
+    });
     document.body.append(anchor);
     anchor.click();
     anchor.remove();
@@ -777,18 +1214,31 @@ async function download(jobId, artifact, status) {
 }
 
 function compareChooser(job, signal) {
-  const select = h("select", { id: "compare-with", "aria-label": "Job to compare with" }, h("option", { value: "" }, "choose a finished job on the same model…"));
+  const select = h(
+    "select",
+    { id: "compare-with", "aria-label": "Job to compare with" },
+    h("option", { value: "" }, "choose a finished job on the same model…"),
+  );
   const go = h("button", { class: "secondary", type: "button", id: "compare-go" }, "Compare");
   go.addEventListener("click", () => {
-    if (select.value) navigate(`/ui/compare?a=${encodeURIComponent(job.id)}&b=${encodeURIComponent(select.value)}`);
+    if (select.value)
+      navigate(`/ui/compare?a=${encodeURIComponent(job.id)}&b=${encodeURIComponent(select.value)}`);
   });
-  api("/v1/jobs?status=succeeded&limit=100", { signal }).then((page) => {
-    for (const other of page.items) {
-      if (other.id !== job.id && other.kind === "compress" && other.spec.model === job.spec.model) {
-        select.append(h("option", { value: other.id }, `${other.id} · ${budgetText(other.spec)} · ${age(other.created_at)}`));
+  api("/v1/jobs?status=succeeded&limit=100", { signal })
+    .then((page) => {
+      for (const other of page.items) {
+        if (other.id !== job.id && other.kind === "compress" && other.spec.model === job.spec.model) {
+          select.append(
+            h(
+              "option",
+              { value: other.id },
+              `${other.id} · ${budgetText(other.spec)} · ${age(other.created_at)}`,
+            ),
+          );
+        }
       }
-    }
-  }).catch(() => {});
+    })
+    .catch(() => {});
   return h("div", {}, h("h2", {}, "Compare"), h("div", { class: "card toolbar" }, select, go));
 }
 
@@ -797,19 +1247,40 @@ function compareChooser(job, signal) {
 async function comparePage(params, signal) {
   const a = params.get("a");
   const b = params.get("b");
-  const inputA = h("input", { type: "text", id: "compare-a", value: a || "", placeholder: "job_…", "aria-label": "First job" });
-  const inputB = h("input", { type: "text", id: "compare-b", value: b || "", placeholder: "job_…", "aria-label": "Second job" });
-  const form = h("form", { class: "card toolbar" }, inputA, inputB, h("button", { class: "primary", type: "submit" }, "Compare"));
+  const inputA = h("input", {
+    type: "text",
+    id: "compare-a",
+    value: a || "",
+    placeholder: "job_…",
+    "aria-label": "First job",
+  });
+  const inputB = h("input", {
+    type: "text",
+    id: "compare-b",
+    value: b || "",
+    placeholder: "job_…",
+    "aria-label": "Second job",
+  });
+  const form = h(
+    "form",
+    { class: "card toolbar" },
+    inputA,
+    inputB,
+    h("button", { class: "primary", type: "submit" }, "Compare"),
+  );
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    navigate(`/ui/compare?a=${encodeURIComponent(inputA.value.trim())}&b=${encodeURIComponent(inputB.value.trim())}`);
+    navigate(
+      `/ui/compare?a=${encodeURIComponent(inputA.value.trim())}&b=${encodeURIComponent(inputB.value.trim())}`,
+    );
   });
   const out = h("div");
   show(h("h1", {}, "Compare two jobs"), form, out);
   if (!a || !b) return;
   const load = async (id) => {
     const job = await api(`/v1/jobs/${encodeURIComponent(id)}`, { signal });
-    if (job.status !== "succeeded") throw new ApiError(409, `${id} is ${job.status}; only finished jobs have a report`);
+    if (job.status !== "succeeded")
+      throw new ApiError(409, `${id} is ${job.status}; only finished jobs have a report`);
     return { job, rep: await report(id, signal) };
   };
   let left;
@@ -817,39 +1288,111 @@ async function comparePage(params, signal) {
   try {
     [left, right] = await Promise.all([load(a), load(b)]);
   } catch (error) {
-    out.replaceChildren(h("p", { class: "banner" }, error.status === 404 ? "job not found" : errorText(error)));
+    out.replaceChildren(
+      h("p", { class: "banner" }, error.status === 404 ? "job not found" : errorText(error)),
+    );
     return;
   }
   const column = ({ job, rep }, cls) => {
     const ppl = rep.perplexity;
-    return h("div", { class: "card" }, h("h3", { class: "mono" }, link(`/ui/jobs/${encodeURIComponent(job.id)}`, job.id)),
-      h("dl", { class: "kv" },
-        h("dt", {}, "model"), h("dd", { class: "mono" }, modelText(job.spec)),
-        h("dt", {}, "budget"), h("dd", {}, budgetText(job.spec)),
-        h("dt", {}, "replaced"), h("dd", {}, rep.replaced_layers.join(", ") || "none"),
-        h("dt", {}, "layers"), h("dd", {}, `${rep.model.layers_before} → ${rep.model.layers_after ?? rep.model.layers_before}`),
-        h("dt", {}, "perplexity"), h("dd", {}, ppl ? `${fmt(ppl.baseline)} → ${fmt(ppl.compressed)} (${pct(ppl.increase_pct)})` : "–"),
-        h("dt", {}, "gate"), h("dd", {}, rep.gate ? (rep.gate.passed ? "passed" : "failed") : "–")),
-      h("div", { class: "legend" }, h("span", {}, h("span", { class: `swatch ${cls}` }), "this job's replaced layers")));
+    return h(
+      "div",
+      { class: "card" },
+      h("h3", { class: "mono" }, link(`/ui/jobs/${encodeURIComponent(job.id)}`, job.id)),
+      h(
+        "dl",
+        { class: "kv" },
+        h("dt", {}, "model"),
+        h("dd", { class: "mono" }, modelText(job.spec)),
+        h("dt", {}, "budget"),
+        h("dd", {}, budgetText(job.spec)),
+        h("dt", {}, "replaced"),
+        h("dd", {}, rep.replaced_layers.join(", ") || "none"),
+        h("dt", {}, "layers"),
+        h("dd", {}, `${rep.model.layers_before} → ${rep.model.layers_after ?? rep.model.layers_before}`),
+        h("dt", {}, "perplexity"),
+        h("dd", {}, ppl ? `${fmt(ppl.baseline)} → ${fmt(ppl.compressed)} (${pct(ppl.increase_pct)})` : "–"),
+        h("dt", {}, "gate"),
+        h("dd", {}, rep.gate ? (rep.gate.passed ? "passed" : "failed") : "–"),
+      ),
+      h(
+        "div",
+        { class: "legend" },
+        h("span", {}, h("span", { class: `swatch ${cls}` }), "this job's replaced layers"),
+      ),
+    );
   };
   const sameModel = left.job.spec.model === right.job.spec.model;
   const series = [left, right].map(({ job, rep }, i) => ({
-    name: job.id, cls: `c${i}`,
-    points: rep.linearity.map((l) => ({ x: l.index, y: l.score, title: `${job.id} layer ${l.index}: ${fmt(l.score, 5)}` })),
+    name: job.id,
+    cls: `c${i}`,
+    points: rep.linearity.map((l) => ({
+      x: l.index,
+      y: l.score,
+      title: `${job.id} layer ${l.index}: ${fmt(l.score, 5)}`,
+    })),
   }));
   const rows = left.rep.linearity.map((l, i) => {
     const r = right.rep.linearity[i];
     const mark = (rep, index) => (rep.replaced_layers.includes(index) ? "replaced" : "");
-    return h("tr", {}, h("td", { class: "num" }, String(l.index)), h("td", { class: "num" }, fmt(l.score, 5)), h("td", {}, mark(left.rep, l.index)),
-      h("td", { class: "num" }, fmt(r?.score, 5)), h("td", {}, r ? mark(right.rep, r.index) : ""), h("td", { class: "num" }, r ? fmt(r.score - l.score, 5) : "–"));
+    return h(
+      "tr",
+      {},
+      h("td", { class: "num" }, String(l.index)),
+      h("td", { class: "num" }, fmt(l.score, 5)),
+      h("td", {}, mark(left.rep, l.index)),
+      h("td", { class: "num" }, fmt(r?.score, 5)),
+      h("td", {}, r ? mark(right.rep, r.index) : ""),
+      h("td", { class: "num" }, r ? fmt(r.score - l.score, 5) : "–"),
+    );
   });
   out.replaceChildren(
-    ...(sameModel ? [] : [h("p", { class: "banner" }, "These jobs ran on different models; per-layer rows are matched by index.")]),
+    ...(sameModel
+      ? []
+      : [
+          h(
+            "p",
+            { class: "banner" },
+            "These jobs ran on different models; per-layer rows are matched by index.",
+          ),
+        ]),
     h("div", { class: "side", id: "compare-columns" }, column(left, "c0"), column(right, "c1")),
-    h("div", { class: "card" }, h("h3", {}, "Paper score per layer"),
-      h("div", { class: "chart-box" }, lineChart({ series, label: "paper score per layer, both jobs", xLabel: "layer", chartId: "compare-linearity" })),
-      h("div", { class: "legend" }, series.map((s) => h("span", {}, h("span", { class: `swatch ${s.cls}` }), s.name)))),
-    h("div", { class: "card" }, table([{ label: "layer", num: true }, { label: "score A", num: true }, "A", { label: "score B", num: true }, "B", { label: "B − A", num: true }], rows, { id: "compare-table" })),
+    h(
+      "div",
+      { class: "card" },
+      h("h3", {}, "Paper score per layer"),
+      h(
+        "div",
+        { class: "chart-box" },
+        lineChart({
+          series,
+          label: "paper score per layer, both jobs",
+          xLabel: "layer",
+          chartId: "compare-linearity",
+        }),
+      ),
+      h(
+        "div",
+        { class: "legend" },
+        series.map((s) => h("span", {}, h("span", { class: `swatch ${s.cls}` }), s.name)),
+      ),
+    ),
+    h(
+      "div",
+      { class: "card" },
+      table(
+        [
+          { label: "layer", num: true },
+          { label: "score A", num: true },
+          "A",
+          { label: "score B", num: true },
+          "B",
+          { label: "B − A", num: true },
+        ],
+        rows,
+        { id: "compare-table" },
+      ),
+    ),
   );
 }
 

@@ -56,9 +56,7 @@ function frame(width, height, yTicks, label) {
   const axis = svgEl("g", { class: "axis" });
   for (const t of yTicks) {
     grid.append(svgEl("line", { x1: PAD.left, x2: width - PAD.right, y1: y(t), y2: y(t) }));
-    axis.append(
-      svgEl("text", { x: PAD.left - 6, y: y(t) + 4, "text-anchor": "end" }, formatTick(t, yTicks)),
-    );
+    axis.append(svgEl("text", { x: PAD.left - 6, y: y(t) + 4, "text-anchor": "end" }, formatTick(t, yTicks)));
   }
   axis.append(
     svgEl("line", { x1: PAD.left, x2: PAD.left, y1: PAD.top, y2: height - PAD.bottom }),
@@ -82,7 +80,16 @@ function extent(values) {
  * Points per layer (or step): series = [{name, cls, points: [{x, y, title}]}].
  * highlight: x values drawn as a band and with `replaced` marks. marks: one circle per point.
  */
-export function lineChart({ series, label, xLabel, highlight = [], marks = true, width = 560, height = 220, chartId }) {
+export function lineChart({
+  series,
+  label,
+  xLabel,
+  highlight = [],
+  marks = true,
+  width = 560,
+  height = 220,
+  chartId,
+}) {
   const all = series.flatMap((s) => s.points);
   const [yMin, yMax] = extent(all.map((p) => p.y));
   const yTicks = niceTicks(yMin, yMax, 4);
@@ -110,7 +117,9 @@ export function lineChart({ series, label, xLabel, highlight = [], marks = true,
   const every = Math.max(1, Math.ceil(xs.length / 16));
   xs.forEach((v, i) => {
     if (i % every === 0) {
-      axis.append(svgEl("text", { x: x(v), y: height - PAD.bottom + 14, "text-anchor": "middle" }, String(v)));
+      axis.append(
+        svgEl("text", { x: x(v), y: height - PAD.bottom + 14, "text-anchor": "middle" }, String(v)),
+      );
     }
   });
   if (xLabel) {
@@ -150,7 +159,12 @@ export function barChart({ bars, label, reference, width = 560, chartId }) {
   const values = bars.map((b) => b.value).concat(reference ? [reference.value] : []);
   const max = Math.max(...values.filter(Number.isFinite)) * 1.12 || 1;
   const plotW = width - left - 16;
-  const svg = svgEl("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label });
+  const svg = svgEl("svg", {
+    class: "chart",
+    viewBox: `0 0 ${width} ${height}`,
+    role: "img",
+    "aria-label": label,
+  });
   if (chartId) svg.setAttribute("data-chart", chartId);
   svg.append(svgEl("title", {}, label));
   const x = (v) => left + (v / max) * plotW;
@@ -158,9 +172,19 @@ export function barChart({ bars, label, reference, width = 560, chartId }) {
     const top = PAD.top + i * rowH;
     svg.append(svgEl("text", { x: left - 8, y: top + 17, "text-anchor": "end" }, bar.label));
     if (!Number.isFinite(bar.value)) return;
-    const rect = svgEl("rect", { class: bar.cls || "c0", x: left, y: top + 4, width: Math.max(1, x(bar.value) - left), height: rowH - 10, rx: 3 });
+    const rect = svgEl("rect", {
+      class: bar.cls || "c0",
+      x: left,
+      y: top + 4,
+      width: Math.max(1, x(bar.value) - left),
+      height: rowH - 10,
+      rx: 3,
+    });
     rect.append(svgEl("title", {}, `${bar.label}: ${bar.text ?? bar.value}`));
-    svg.append(rect, svgEl("text", { class: "bar-label", x: x(bar.value) + 6, y: top + 18 }, bar.text ?? String(bar.value)));
+    svg.append(
+      rect,
+      svgEl("text", { class: "bar-label", x: x(bar.value) + 6, y: top + 18 }, bar.text ?? String(bar.value)),
+    );
   });
   if (reference && Number.isFinite(reference.value)) {
     const rx = x(reference.value);

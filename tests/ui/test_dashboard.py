@@ -229,8 +229,10 @@ def test_jobs_list_is_newest_first_filters_and_pages_with_the_cursor(tab, server
     page.wait_for_url(re.compile(r".*status=succeeded"))
     page.locator("#jobs-table tbody tr[data-job]").first.wait_for()
     shown = page.locator("#jobs-table tbody tr[data-job]")
-    statuses = shown.locator(".badge").evaluate_all("ns => ns.map(n => n.textContent)")
-    assert set(statuses) <= {"succeeded", "passed", "failed"}  # gate badges sit in the row too
+    statuses = shown.locator("td:first-child .badge").evaluate_all(
+        "ns => ns.map(n => n.textContent)"
+    )
+    assert statuses and set(statuses) == {"succeeded"}
     ids = shown.evaluate_all("ns => ns.map(n => n.dataset.job)")
     assert finished_jobs[1] in ids and ids.index(finished_jobs[1]) < ids.index(finished_jobs[0])
     one_layer = page.locator(f'tr[data-job="{finished_jobs[0]}"] td').nth(5)
@@ -276,4 +278,23 @@ def test_compare_two_jobs_side_by_side(tab, finished_jobs):
     columns = page.locator("#compare-columns").inner_text()
     assert finished_jobs[0] in columns and finished_jobs[1] in columns
     tab.shot("compare")
+    assert tab.console_errors == []
+
+
+def test_a_failed_job_shows_its_error_and_last_events(tab, server):
+    with server.http() as http:
+        few_words = http.post(
+            "/v1/datasets", content=b"far too short", headers={"Content-Type": "text/plain"}
+        ).json()["id"]
+        job_id = http.post("/v1/jobs", json=tiny_spec(few_words)).json()["id"]
+    failed = server.wait_terminal(job_id)
+    assert failed["status"] == "failed"
+    tab.sign_in()
+    tab.goto(f"/ui/jobs/{job_id}")
+    error = tab.page.locator("#job-error")
+    error.wait_for()
+    assert error.inner_text().startswith(f"{failed['error']['code']}: ")
+    assert failed["error"]["message"][:40] in error.inner_text()
+    assert "status failed" in tab.page.locator(".events").inner_text()
+    tab.shot("job-failed")
     assert tab.console_errors == []
