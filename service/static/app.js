@@ -821,11 +821,9 @@ function reportView(job, rep, artifacts, events) {
       "layers",
       m.layers_after != null ? `${m.layers_before} → ${m.layers_after}` : String(m.layers_before),
     ),
-    stat(
-      "replaced",
-      rep.replaced_layers.length ? rep.replaced_layers.join(", ") : "none",
-      "summary-replaced",
-    ),
+    rep.kind === "compress"
+      ? stat("replaced", rep.replaced_layers.join(", ") || "none", "summary-replaced")
+      : null,
     stat(
       "parameters",
       m.params_after != null
@@ -954,7 +952,11 @@ function linearitySection(rep) {
       ),
   );
   return [
-    h("h2", {}, "Linearity per layer"),
+    h(
+      "h2",
+      {},
+      rep.compare?.length ? `Linearity per layer of ${rep.compare[0].model}` : "Linearity per layer",
+    ),
     h(
       "div",
       { class: "card" },
@@ -1027,6 +1029,7 @@ function compareReportSection(rep) {
           { label: "Δ intrinsic dim", num: true },
         ],
         rows,
+        { id: "compare-differences" },
       ),
     ),
   ];

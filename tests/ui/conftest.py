@@ -51,6 +51,7 @@ def ui_model_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ui-models")
     save_tiny_model("llama", root / "tiny-llama")
+    save_tiny_model("llama", root / "tiny-llama-b", seed=1)  # for a compare job
     return root
 
 

@@ -298,3 +298,32 @@ def test_a_failed_job_shows_its_error_and_last_events(tab, server):
     assert "status failed" in tab.page.locator(".events").inner_text()
     tab.shot("job-failed")
     assert tab.console_errors == []
+
+
+def test_a_compare_jobs_page_shows_each_models_scores_and_per_layer_differences(
+    tab, server, dataset
+):
+    spec = {
+        "kind": "compare",
+        "models": ["tiny-llama", "tiny-llama-b"],
+        "data": {"dataset_id": dataset},
+        "calib_tokens": 256,
+        "seq_len": 64,
+    }
+    with server.http() as http:
+        job_id = http.post("/v1/jobs", json=spec).json()["id"]
+    assert server.wait_terminal(job_id)["status"] == "succeeded"
+    with server.http() as http:
+        differences = http.get(f"/v1/jobs/{job_id}/report").json()["compare"][1]["differences"]
+    tab.sign_in()
+    tab.goto(f"/ui/jobs/{job_id}")
+    chart = tab.page.locator('svg[data-chart="compare-score"]')
+    chart.wait_for()
+    assert chart.locator("g.marks").count() == 2
+    assert chart.locator("circle.mark").count() == 2 * 6
+    rows = tab.page.locator("#compare-differences tbody tr")
+    assert rows.count() == len(differences) == 6
+    first = rows.first.locator("td")
+    assert first.nth(2).inner_text() == f"{differences[0]['score']:.5f}"
+    tab.shot("job-compare-kind")
+    assert tab.console_errors == []
