@@ -156,10 +156,11 @@ async function allEvents(jobId, signal) {
   }
 }
 
-// Server-Sent Events over fetch: EventSource cannot send an Authorization header.
+// Server-Sent Events over fetch: EventSource cannot send an Authorization header. Resumes
+// after a dropped connection (from the last event id) until the job is terminal.
 async function followEvents(jobId, after, onEvent, signal) {
   let lastId = after;
-  for (let attempt = 0; attempt < 30 && !signal.aborted; attempt += 1) {
+  for (let attempt = 0; !signal.aborted; attempt += 1) {
     try {
       const query = new URLSearchParams({ stream: "true" });
       if (lastId !== null) query.set("after", lastId);
@@ -186,7 +187,9 @@ async function followEvents(jobId, after, onEvent, signal) {
     } catch (error) {
       if (signal.aborted || error.status === 401 || error.status === 404) return;
     }
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await new Promise((resolve) => setTimeout(resolve, Math.min(5000, 500 * (attempt + 1))));
+    const job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`, { signal }).catch(() => null);
+    if (job && TERMINAL.has(job.status)) return;
   }
 }
 
