@@ -56,7 +56,7 @@ def ui_model_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ui_text(tmp_path_factory) -> bytes:
+def ui_text() -> bytes:
     """~120 KB of English (the shared wikitext file when present)."""
     if WIKITEXT.is_file():
         with WIKITEXT.open("rb") as fh:
@@ -66,7 +66,7 @@ def ui_text(tmp_path_factory) -> bytes:
     ).encode()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory, ui_model_root) -> Iterator[Server]:
     """`linearize serve` as a user starts it: API and worker children, embedded broker."""
     root = tmp_path_factory.mktemp("ui-serve")
@@ -113,7 +113,7 @@ def server(tmp_path_factory, ui_model_root) -> Iterator[Server]:
                 proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 

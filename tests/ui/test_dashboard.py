@@ -32,7 +32,7 @@ def tiny_spec(dataset_id: str, **overrides) -> dict:
     return body
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dataset(server, ui_text) -> str:
     with server.http() as http:
         answer = http.post("/v1/datasets", files={"file": (UPLOAD_NAME, ui_text, "text/plain")})
@@ -40,7 +40,7 @@ def dataset(server, ui_text) -> str:
         return answer.json()["id"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def finished_jobs(server, dataset) -> list[str]:
     """Two succeeded compress jobs on the tiny model (1 and 2 layers), older first."""
     ids = []
