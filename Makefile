@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
-.PHONY: setup demo test test-fast lint format bench bench-quality bench-service clean
+.PHONY: setup browser demo test test-fast lint format bench bench-quality bench-service bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from linearize.loading import load_model; load_model('smollm2-135m')"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The dashboard tests (tests/ui) drive Debian's Chromium through Playwright, which cannot
+# download a browser of its own here.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "warning: no chromium; the browser tests (tests/ui) need: sudo apt-get install chromium" >&2; fi; }
+
+setup: $(STAMP) browser
 
 demo: setup
 	$(PY) -m linearize.demo --data $(DATA)
@@ -46,6 +54,9 @@ bench-quality: setup
 
 bench-service: setup
 	$(PY) bench/load.py
+
+bench-ui: setup
+	$(PY) bench/ui_load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

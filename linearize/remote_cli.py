@@ -368,6 +368,15 @@ def serve_command_lines(args: argparse.Namespace) -> tuple[list[str], list[str]]
     return api, worker
 
 
+def dashboard_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the pages (a wildcard bind is reached on loopback)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/ui"
+
+
 def serve_main(args: argparse.Namespace) -> int:
     env = os.environ.copy()
     if args.data_dir is not None:
@@ -378,6 +387,7 @@ def serve_main(args: argparse.Namespace) -> int:
     if not env.get("LINEARIZE_API_KEYS") and not env.get("LINEARIZE_API_KEYS_FILE"):
         print("linearize serve: no LINEARIZE_API_KEYS; every request will get 401", file=sys.stderr)
     print(f"linearize serve: http://{args.host}:{args.port}  broker: {broker}", file=sys.stderr)
+    print(f"linearize serve: dashboard {dashboard_url(args.host, args.port)}", file=sys.stderr)
     api_cmd, worker_cmd = serve_command_lines(args)
     children = [subprocess.Popen(api_cmd, env=env), subprocess.Popen(worker_cmd, env=env)]
 

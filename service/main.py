@@ -13,7 +13,7 @@ from service.broker import Broker, Reconciler
 from service.db import init_schema, make_engine
 from service.deps import AppState
 from service.metrics import make_registry
-from service.routers import datasets, health, jobs
+from service.routers import datasets, health, jobs, ui
 from service.settings import Settings, get_settings
 from service.store import Store
 
@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(ui.router)
     return app
 
 
