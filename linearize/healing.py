@@ -160,6 +160,11 @@ def heal(
         raise ValueError(
             f"decay is the fraction of the budget to decay over, in [0, 1]; got {decay}"
         )
+    if any(p.is_meta for p in params):
+        raise ValueError(
+            "healing parameters are not loaded (still on the meta device): prepare and keep "
+            "their layers before choosing them, so the optimizer trains the weights in use"
+        )
     loss_fn = loss_fn or default_loss(stack, teacher)
     positions = range(teacher.start, last + 1)
     segment = [stack.prepare(i) for i in positions]

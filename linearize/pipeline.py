@@ -148,13 +148,14 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     budget = healing_budget(spec)
     teacher = None
     if budget:
-        carriers, teacher, last = replace_with_teacher(job, stack, windows, indices)
+        neighbours = healed_layers_that_fit(job, stack)
+        carriers, teacher, last = replace_with_teacher(job, stack, windows, indices, neighbours)
     else:
         carriers = replace(job, stack, windows, indices)
     before_healing = None
     if budget:
         before_healing, selection["healing"] = heal(
-            job, stack, windows, teacher, carriers, last, budget
+            job, stack, windows, teacher, carriers, last, budget, neighbours
         )
         info = selection["healing"]
         compressed_val = info[
@@ -319,20 +320,21 @@ def trial_stack(stack):
 
 def replace(job: Job, stack, windows, indices: list[int]) -> list:
     """Fit and apply the maps; returns the parameters that carry them (for healing)."""
-    carriers, _, _ = _fit_and_replace(job, stack, windows, indices, teacher=False)
+    carriers, _, _ = _fit_and_replace(job, stack, windows, indices, teacher=None)
     return carriers
 
 
-def replace_with_teacher(job: Job, stack, windows, indices: list[int]):
+def replace_with_teacher(job: Job, stack, windows, indices: list[int], neighbours: int):
     """`replace`, with the teacher's states for healing captured in the same fit pass.
 
     Returns (carriers, TeacherCache, last position of the healed segment)."""
-    return _fit_and_replace(job, stack, windows, indices, teacher=True)
+    return _fit_and_replace(job, stack, windows, indices, teacher=neighbours)
 
 
-def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: bool):
+def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
+    """teacher: None for no teacher, else the number of layers healed after the cut."""
     from linearize.fitting import fit_pass, fit_spans
-    from linearize.healing import NEIGHBOUR_LAYERS, TeacherCache
+    from linearize.healing import TeacherCache
     from linearize.selection import contiguous_spans
     from linearize.surgery import check_foldable
 
@@ -341,10 +343,12 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: bool):
     fmt = spec.format
     if fmt == "standard":
         check_foldable(stack.model, spans)  # refuse before the costly fit pass
-    start = injection_point(spec, indices) if teacher else None
+    start = injection_point(spec, indices) if teacher is not None else None
     end = None  # resident: the teacher's final hidden states
-    if teacher and stack.streamed:
-        end = min(max(e for _, e in spans) + NEIGHBOUR_LAYERS - 1, len(stack.layers) - 1)
+    if teacher is not None and stack.streamed:
+        # Streamed: the teacher where the healed layers end (the fold target or the block
+        # stands for the whole span, so one healed layer ends at the span's last layer).
+        end = min(max(e for _, e in spans) + max(teacher, 1) - 1, len(stack.layers) - 1)
     planner = job.planner(stack)
     sets = {"fit": windows.fit}
     with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
@@ -354,7 +358,7 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: bool):
         maps = fit_spans(stack.model, stats, fmt=fmt)
     with job.timed("surgery"), job.progress.stage("surgery", total=1):
         carriers = apply_maps(stack, spans, maps, fmt)
-    if not teacher:
+    if teacher is None:
         return carriers, None, None
     kind = "final" if end is None else "hidden"
     last = len(stack.layers) - 1 if end is None else _position_of_original(stack, end)
@@ -395,19 +399,18 @@ def _position_of_original(stack, original: int) -> int:
     return len(origins) - 1
 
 
-def heal(job: Job, stack, windows, teacher, carriers, last: int, budget):
+def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
     """Distil the maps; keep the result only if the validation perplexity improved."""
     from linearize.healing import heal as distil
     from linearize.healing import healing_params, restore, snapshot
 
     max_steps, max_seconds = budget
-    neighbours = healed_layers_that_fit(job, stack)
-    params = healing_params(stack.model, carriers, neighbours=neighbours)
     if stack.streamed:
+        # The segment is the healed layers: read them now and keep them, so that the parameters
+        # handed to the optimizer are the ones the forward uses (and the checkpoint writes).
         for position in range(teacher.start, last + 1):
-            layer = stack.layers[position]
-            if any(p is q for p in layer.parameters() for q in params):
-                stack.keep(layer)
+            stack.keep(stack.prepare(position))
+    params = healing_params(stack.model, carriers, neighbours=neighbours)
     sets = {"validation": windows.validation, "eval": windows.eval}
     ppl, _ = perplexities(job, stack, sets, "heal")
     val_before, eval_before = ppl["validation"], ppl["eval"]

@@ -48,7 +48,9 @@ def test_the_tiny_model_is_sharded(sharded_llama):
 @pytest.mark.parametrize("fmt", ["standard", "linear"])
 def test_streamed_and_resident_runs_agree(sharded_llama, data, tmp_path, fmt):
     resident = compress(sharded_llama, data, tmp_path / "r", streaming="off", format=fmt)
-    streamed = compress(sharded_llama, data, tmp_path / "s", streaming="on", format=fmt)
+    streamed = compress(
+        sharded_llama, data, tmp_path / "s", streaming="on", format=fmt, heal_steps=40
+    )
     assert resident.execution.mode == "resident" and streamed.execution.mode == "streamed"
     assert streamed.replaced_layers == resident.replaced_layers
     for a, b in zip(resident.linearity, streamed.linearity, strict=True):
@@ -57,7 +59,9 @@ def test_streamed_and_resident_runs_agree(sharded_llama, data, tmp_path, fmt):
     rp, sp = resident.perplexity, streamed.perplexity
     assert sp.baseline == pytest.approx(rp.baseline, rel=1e-3)
     assert sp.before_healing == pytest.approx(rp.before_healing, rel=1e-3)
-    assert streamed.selection["healing"]["loss"].startswith("MSE of the hidden states")
+    healing = streamed.selection["healing"]
+    assert healing["loss"].startswith("MSE of the hidden states") and healing["steps"] == 40
+    assert healing["trained_parameters"] == resident.selection["healing"]["trained_parameters"]
     assert resident.selection["healing"]["loss"].startswith("centred-logit MSE")
     # The streamed checkpoint is a real checkpoint: an independent eval reproduces its figure.
     again = pipeline.run(
@@ -67,6 +71,43 @@ def test_streamed_and_resident_runs_agree(sharded_llama, data, tmp_path, fmt):
     if fmt == "standard":
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
         assert model.config.num_hidden_layers == 4
+
+
+def test_a_changed_layer_is_kept_in_memory_and_written_not_reread(sharded_llama, tmp_path):
+    from linearize.checkpoint import write_model
+    from linearize.placement import open_stack
+
+    loaded, placement = open_stack(str(sharded_llama), streaming="on", device="cpu")
+    stack = loaded.stack
+    assert placement.mode == "streamed" and stack.layers[3].mlp.down_proj.weight.is_meta
+    layer = stack.prepare(3)
+    stack.keep(layer)
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.fill_(0.5)
+    stack.release(3)
+    stack.release(2)  # an untouched layer goes back to the shards
+    assert stack.layers[2].mlp.down_proj.weight.is_meta
+    assert torch.all(stack.prepare(3).mlp.down_proj.weight == 0.5)
+    stack.release(3)
+    (tmp_path / "w").mkdir()
+    write_model(stack, tmp_path / "w", shard_size="50KB")
+    written = ShardedWeights.open(tmp_path / "w")
+    down = written.read(["model.layers.3.mlp.down_proj.weight"])
+    assert torch.all(down["model.layers.3.mlp.down_proj.weight"] == 0.5)
+    original = ShardedWeights.open(sharded_llama)
+    key = "model.layers.2.mlp.down_proj.weight"
+    assert torch.equal(written.read([key])[key], original.read([key])[key])
+
+
+def test_healing_refuses_parameters_that_are_not_loaded(sharded_llama):
+    from linearize.healing import TeacherCache, heal
+    from linearize.placement import open_stack
+
+    loaded, _ = open_stack(str(sharded_llama), streaming="on", device="cpu")
+    stale = [loaded.stack.layers[1].mlp.down_proj.weight]  # still in the shards
+    teacher = TeacherCache(1, None, None, "hidden")
+    with pytest.raises(ValueError, match="not loaded"):
+        heal(loaded.stack, teacher, torch.zeros(2, 8), stale, last=1, max_steps=1, max_seconds=1)
 
 
 def test_without_healing_streamed_and_resident_checkpoints_are_the_same_model(
