@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from infra.settings import Settings
+from infra.store import Store
+from service.auth import tenant_for_key
 from service.broker import Broker
-from service.settings import Settings, tenant_for_key
-from service.store import Store
 
 
 @dataclass

@@ -9,13 +9,14 @@ from importlib import metadata
 
 from fastapi import FastAPI
 
+from infra.db import init_schema, make_engine
+from infra.settings import Settings, get_settings
+from infra.store import Store
+from service.auth import key_hashes
 from service.broker import Broker, Reconciler
-from service.db import init_schema, make_engine
 from service.deps import AppState
 from service.metrics import make_registry
 from service.routers import datasets, health, jobs
-from service.settings import Settings, get_settings
-from service.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         config.resolved_artifact_dir.mkdir(parents=True, exist_ok=True)
         store = Store(engine)
         broker = Broker(config)
-        state = AppState(config, store, broker, config.key_hashes())
+        state = AppState(config, store, broker, key_hashes(config))
         app.state.linearize = state
         app.state.metrics_registry, app.state.http_latency = make_registry(state)
         reconciler = Reconciler(config, store, broker)

@@ -1,6 +1,6 @@
 """The Celery app: `celery -A worker.app worker -Q <queue> -c 1` (one process per GPU).
 
-Configuration comes from the same LINEARIZE_ settings as the API (service.broker.celery_config):
+Configuration comes from the same LINEARIZE_ settings as the API (infra.queueing.celery_config):
 acks late, requeue when the pool process dies, prefetch 1, soft and hard time limits, Redis
 visibility timeout above the hard limit, and a fresh process per task.
 """
@@ -15,8 +15,8 @@ import threading
 
 from celery import Celery, signals
 
-from service.broker import celery_config
-from service.settings import get_settings
+from infra.queueing import celery_config
+from infra.settings import get_settings
 
 log = logging.getLogger(__name__)
 

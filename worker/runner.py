@@ -21,11 +21,11 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from api_schemas import DataSpec, ProgressEvent
-from service.artifacts import build_manifest, checkpoint_dir, datasets_dir, job_dir, publish_dir
-from service.db import init_schema, make_engine
-from service.modelcheck import ModelRejected, resolve_model
-from service.settings import Settings, get_settings
-from service.store import SPEC_ADAPTER, Claim, Store
+from infra.artifacts import build_manifest, checkpoint_dir, datasets_dir, job_dir, publish_dir
+from infra.db import init_schema, make_engine
+from infra.modelcheck import ModelRejected, resolve_model
+from infra.settings import Settings, get_settings
+from infra.store import SPEC_ADAPTER, Claim, Store
 
 log = logging.getLogger(__name__)
 

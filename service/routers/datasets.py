@@ -12,10 +12,10 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 
 from api_schemas.jobs import Dataset
-from service.artifacts import datasets_dir
-from service.db import DatasetRow, utcnow
+from infra.artifacts import datasets_dir
+from infra.db import DatasetRow, utcnow
+from infra.store import dataset_to_schema, new_id
 from service.deps import StateDep, TenantDep
-from service.store import dataset_to_schema, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -23,16 +23,16 @@ from api_schemas.jobs import (
 from api_schemas.jobs import Artifact as ArtifactModel
 from api_schemas.report import Report
 from api_schemas.specs import AnalyzeSpec, CompareSpec, CompressSpec, EvalSpec
-from service.artifacts import checkpoint_dir, iter_tar, resolve_artifact
-from service.db import JobRow
-from service.deps import AppState, StateDep, TenantDep, unprocessable
-from service.modelcheck import ModelRejected, budget_problem, resolve_model
-from service.store import (
+from infra.artifacts import checkpoint_dir, iter_tar, resolve_artifact
+from infra.db import JobRow
+from infra.modelcheck import ModelRejected, budget_problem, resolve_model
+from infra.store import (
     IdempotencyConflict,
     TenantLimitExceeded,
     event_to_schema,
     job_to_schema,
 )
+from service.deps import AppState, StateDep, TenantDep, unprocessable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from stack_helpers import KEYS, free_port, tiny_spec
 
 from api_schemas.jobs import Artifact
-from service.artifacts import checkpoint_dir
+from infra.artifacts import checkpoint_dir
 from service.main import create_app
-from service.settings import Settings
-from service.store import Store
+from infra.settings import Settings
+from infra.store import Store
 
 AUTH = {t: {"Authorization": f"Bearer {k}"} for t, k in KEYS.items()}
 
@@ -293,7 +293,7 @@ def _finished_job(api, dataset) -> tuple[str, Path]:
     (directory / "config.json").write_text("{}")
     (directory / "sub" / "a.txt").write_text("a")
     (directory.parent / "secret.txt").write_text("not an artifact")
-    from service.artifacts import build_manifest
+    from infra.artifacts import build_manifest
 
     manifest: list[Artifact] = build_manifest(directory)
     state.store.claim(

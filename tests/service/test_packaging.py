@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 from stack_helpers import REPO, free_port
 
-from service.settings import Settings
+from infra.settings import Settings
 
 BLOCK_TORCH = textwrap.dedent(
     """
@@ -53,6 +53,7 @@ def _run(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
 def test_api_starts_and_answers_with_torch_unimportable(tmp_path):
     code = BLOCK_TORCH + textwrap.dedent(
         """
+        import infra.artifacts, infra.modelcheck, infra.queueing, infra.store
         import service.main
         from fastapi.testclient import TestClient
 
@@ -74,6 +75,39 @@ def test_api_starts_and_answers_with_torch_unimportable(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+# Which top-level packages each layer may import (statically, anywhere in the file): the API
+# front and the shared infra stay free of the engine, and the worker reaches the store through
+# infra, never through the HTTP front.
+FORBIDDEN_IMPORTS = {
+    "infra": {"torch", "transformers", "safetensors", "linearize", "service", "worker"},
+    "service": {"torch", "transformers", "safetensors", "linearize", "worker"},
+    "worker": {"service"},
+}
+
+
+def _imported_roots(path) -> set[str]:
+    import ast
+
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))
+def test_layers_import_only_what_the_dependency_rule_allows(package):
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, package
+    offenders = {
+        str(f.relative_to(REPO)): sorted(_imported_roots(f) & FORBIDDEN_IMPORTS[package])
+        for f in files
+    }
+    assert not {f: bad for f, bad in offenders.items() if bad}
+
+
 def test_worker_modules_do_not_import_torch_before_the_fork(tmp_path):
     code = textwrap.dedent(
         """
@@ -92,7 +126,7 @@ def test_worker_modules_do_not_import_torch_before_the_fork(tmp_path):
 
 
 def test_worker_config_keeps_the_redis_redelivery_trap_closed():
-    from service.broker import celery_config
+    from infra.queueing import celery_config
 
     settings = Settings(broker_url="redis://127.0.0.1:6379/0")
     config = celery_config(settings)

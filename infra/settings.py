@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-def _split(value: object) -> list[str]:
+def split_list(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -84,12 +82,12 @@ class Settings(BaseSettings):
     @field_validator("model_roots", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> list[str]:
-        return _split(value)
+        return split_list(value)
 
     @field_validator("webhook_retry_delays_s", mode="before")
     @classmethod
     def _comma_floats(cls, value: object) -> list[float]:
-        return [float(v) for v in _split(value)]
+        return [float(v) for v in split_list(value)]
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
@@ -122,36 +120,6 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
-
-    def key_hashes(self) -> dict[str, str]:
-        """sha256(key) -> tenant. Plain keys are hashed here and never kept."""
-        table: dict[str, str] = {}
-        for pair in _split(self.api_keys):
-            tenant, sep, key = pair.partition(":")
-            if not sep or not tenant or not key:
-                raise ValueError("LINEARIZE_API_KEYS wants comma-separated tenant:key pairs")
-            table[hash_key(key)] = tenant
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    tenant, _, digest = line.partition(":")
-                    table[digest.strip().lower()] = tenant.strip()
-        return table
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def tenant_for_key(table: dict[str, str], key: str) -> str | None:
-    digest = hash_key(key)
-    # Compare against every entry so the time taken does not reveal a matching prefix.
-    found = None
-    for stored, tenant in table.items():
-        if hmac.compare_digest(stored, digest):
-            found = tenant
-    return found
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api_schemas.specs import BUNDLED_MODEL_ALIAS
-from service.settings import Settings
+from infra.settings import Settings
 
 BUNDLED_LAYERS = {BUNDLED_MODEL_ALIAS: 30}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
