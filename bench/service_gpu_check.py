@@ -64,10 +64,10 @@ def main() -> int:
 
     from api_schemas import CompressSpec, DataSpec
     from infra.artifacts import datasets_dir
-    from service.broker import Broker
     from infra.db import DatasetRow, init_schema, make_engine, utcnow
     from infra.settings import get_settings
     from infra.store import Store
+    from service.broker import Broker
 
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)

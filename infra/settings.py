@@ -35,6 +35,23 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(
         None, description="Checkpoints and uploads; DATA_DIR/artifacts."
     )
+    artifact_url: str = Field(
+        "", description="s3://bucket/prefix for object storage; empty: the ARTIFACT_DIR directory."
+    )
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint; empty: AWS S3.")
+    s3_part_size_mb: int = Field(64, ge=5, description="Multipart upload part size (S3 min 5).")
+    s3_max_attempts: int = Field(5, ge=1, description="boto3 attempts per request (backoff).")
+    s3_max_bandwidth_mb_s: float = Field(0.0, ge=0, description="Per-transfer cap; 0: none.")
+    presigned_url_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+    s3_stale_upload_hours: float = Field(
+        24.0, gt=0, description="Unfinished multipart uploads older than this are aborted."
+    )
+    scratch_dir: Path | None = Field(
+        None, description="Worker-local scratch (downloads, staging); DATA_DIR/scratch."
+    )
+    model_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated s3://bucket/prefix models may lie in."
+    )
     model_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated dirs; local models must lie inside."
     )
@@ -79,7 +96,7 @@ class Settings(BaseSettings):
     dataset_retention_days: float = Field(30.0, gt=0)
     public_base_url: str = Field("", description="Prefix for job urls; empty: relative urls.")
 
-    @field_validator("model_roots", "webhook_allowed_hosts", mode="before")
+    @field_validator("model_roots", "webhook_allowed_hosts", "model_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> list[str]:
         return split_list(value)
@@ -88,6 +105,21 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_floats(cls, value: object) -> list[float]:
         return [float(v) for v in split_list(value)]
+
+    @field_validator("artifact_url")
+    @classmethod
+    def _artifact_url_scheme(cls, value: str) -> str:
+        if value and not (value.startswith("s3://") and len(value) > len("s3://")):
+            raise ValueError("artifact_url must be s3://bucket[/prefix] (or empty: a directory)")
+        return value
+
+    @field_validator("model_urls")
+    @classmethod
+    def _model_urls_scheme(cls, value: list[str]) -> list[str]:
+        bad = [url for url in value if not url.startswith("s3://")]
+        if bad:
+            raise ValueError(f"model_urls must be s3://bucket/prefix entries, got {bad}")
+        return [url.rstrip("/") + "/" for url in value]
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
@@ -112,6 +144,10 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def resolved_scratch_dir(self) -> Path:
+        return (self.scratch_dir or self.data_dir / "scratch").resolve()
 
     @property
     def broker_is_redis(self) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from datetime import timedelta
@@ -17,6 +16,7 @@ from celery import Celery
 
 from api_schemas.jobs import TASK_RUN_JOB, TASK_SEND_WEBHOOK
 from infra.db import utcnow
+from infra.objectstore import ArtifactStore, artifact_store
 from infra.queueing import celery_config, job_id_of, task_id_for
 from infra.settings import Settings
 from infra.store import Store
@@ -177,10 +177,17 @@ class Reconciler:
     """Makes the broker match the database, and applies retention. Safe to run in every API
     process at once: publishing a job twice is harmless (the worker's lease drops the copy)."""
 
-    def __init__(self, settings: Settings, store: Store, broker: Broker):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        artifacts: ArtifactStore | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.broker = broker
+        self.artifacts = artifacts if artifacts is not None else artifact_store(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_retention: float | None = None
@@ -235,15 +242,22 @@ class Reconciler:
 
     def apply_retention(self) -> None:
         now = utcnow()
-        artifacts = self.settings.resolved_artifact_dir
         for job_id in self.store.expire_artifacts(
             now - timedelta(days=self.settings.artifact_retention_days)
         ):
-            shutil.rmtree(artifacts / "jobs" / job_id, ignore_errors=True)
+            self._quietly(self.artifacts.delete_job, job_id)
         for path in self.store.expire_datasets(
             now - timedelta(days=self.settings.dataset_retention_days)
         ):
-            try:
-                (artifacts / "datasets" / path).unlink(missing_ok=True)
-            except OSError:
-                log.warning("could not delete expired dataset %s", path)
+            self._quietly(self.artifacts.delete_dataset, path)
+        # Workers that died mid-upload long ago (their job was retried elsewhere or failed).
+        self._quietly(
+            self.artifacts.abort_stale_uploads, self.settings.s3_stale_upload_hours * 3600
+        )
+
+    @staticmethod
+    def _quietly(action, *args) -> None:
+        try:
+            action(*args)
+        except Exception as exc:  # retention runs again in an hour
+            log.warning("retention step %s%r failed: %s", action.__name__, args, exc)

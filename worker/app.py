@@ -52,6 +52,19 @@ class _Heartbeat:
 _heartbeat: _Heartbeat | None = None
 
 
+@signals.worker_init.connect
+def _check_artifact_store(**_kwargs) -> None:
+    """Refuse to start on a store it cannot use (wrong credentials, no bucket): a clear line in
+    the worker log beats every job failing later."""
+    from infra.objectstore import ArtifactStoreError, artifact_store
+
+    try:
+        artifact_store(get_settings()).check()
+    except ArtifactStoreError as exc:
+        log.critical("artifact store not usable, worker not started: %s", exc)
+        raise SystemExit(2) from None
+
+
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_kwargs) -> None:
     global _heartbeat

@@ -14,9 +14,9 @@ from stack_helpers import KEYS, free_port, tiny_spec
 
 from api_schemas.jobs import Artifact
 from infra.artifacts import checkpoint_dir
-from service.main import create_app
 from infra.settings import Settings
 from infra.store import Store
+from service.main import create_app
 
 AUTH = {t: {"Authorization": f"Bearer {k}"} for t, k in KEYS.items()}
 
@@ -440,7 +440,12 @@ def test_openapi_documents_every_route_and_the_shared_specs(api):
 def test_readyz_needs_a_worker_heartbeat(api):
     response = api.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["checks"] == {"broker": True, "database": True, "workers": 0}
+    assert response.json()["checks"] == {
+        "broker": True,
+        "database": True,
+        "workers": 0,
+        "artifacts": True,
+    }
     store: Store = api.app.state.linearize.store
     store.heartbeat_worker("w@h", "q", "h", 1)
     assert api.get("/readyz").status_code == 200
