@@ -133,6 +133,10 @@ class S3ArtifactStore:
         self.prefix = prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.client = s3_client(settings)
+        # Pre-signing makes no request: a client for the endpoint that downloaders can reach
+        # (the public name of MinIO when the workers talk to it on an internal network).
+        public = settings.s3_public_endpoint_url
+        self.signer = s3_client(settings, endpoint_url=public) if public else self.client
         from boto3.s3.transfer import TransferConfig
 
         mb = 1024 * 1024
@@ -304,7 +308,7 @@ class S3ArtifactStore:
         key = self._object_key(job_id, path)
         if key is None:
             return None
-        return self.client.generate_presigned_url(
+        return self.signer.generate_presigned_url(
             "get_object",
             Params={
                 "Bucket": self.bucket,
@@ -357,9 +361,10 @@ class S3ArtifactStore:
         return aborted
 
 
-def s3_client(settings: Settings):
+def s3_client(settings: Settings, endpoint_url: str | None = None):
     """A boto3 S3 client: endpoint from LINEARIZE_S3_ENDPOINT_URL, credentials from the
     standard AWS chain (environment, shared files, instance roles)."""
+    endpoint_url = endpoint_url or settings.s3_endpoint_url or None
     import boto3
     from botocore.config import Config
 
@@ -368,10 +373,10 @@ def s3_client(settings: Settings):
         connect_timeout=5,
         read_timeout=60,
         # Path-style addressing works with every S3-compatible server (MinIO, Ceph, moto).
-        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
         signature_version="s3v4",
     )
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         "", description="s3://bucket/prefix for object storage; empty: the ARTIFACT_DIR directory."
     )
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint; empty: AWS S3.")
+    s3_public_endpoint_url: str = Field(
+        "", description="Endpoint clients reach for pre-signed links; empty: s3_endpoint_url."
+    )
     s3_part_size_mb: int = Field(64, ge=5, description="Multipart upload part size (S3 min 5).")
     s3_max_attempts: int = Field(5, ge=1, description="boto3 attempts per request (backoff).")
     s3_max_bandwidth_mb_s: float = Field(0.0, ge=0, description="Per-transfer cap; 0: none.")

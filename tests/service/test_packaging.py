@@ -142,7 +142,16 @@ def _compose() -> dict:
 
 def test_compose_services_commands_and_environment_match_the_code():
     services = _compose()["services"]
-    assert {"redis", "postgres", "api", "worker", "worker-cpu", "webhooks"} <= set(services)
+    assert {
+        "redis",
+        "postgres",
+        "minio",
+        "createbucket",
+        "api",
+        "worker",
+        "worker-cpu",
+        "webhooks",
+    } <= set(services)
     defaults = Settings()
     fields = {f"LINEARIZE_{name.upper()}" for name in Settings.model_fields}
 
@@ -166,7 +175,9 @@ def test_compose_services_commands_and_environment_match_the_code():
         for required in (
             "LINEARIZE_BROKER_URL",
             "LINEARIZE_DATABASE_URL",
-            "LINEARIZE_ARTIFACT_DIR",
+            "LINEARIZE_ARTIFACT_URL",
+            "LINEARIZE_S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
             "LINEARIZE_MODEL_ROOTS",
             "LINEARIZE_MAX_UPLOAD_MB",
             "LINEARIZE_API_KEYS",
@@ -174,8 +185,14 @@ def test_compose_services_commands_and_environment_match_the_code():
             assert required in env, (name, required)
         assert env["LINEARIZE_BROKER_URL"].startswith("redis://redis:")
         assert env["LINEARIZE_DATABASE_URL"].startswith("postgresql+psycopg://")
-        mounts = services[name]["volumes"]
-        assert f"artifacts:{env['LINEARIZE_ARTIFACT_DIR']}" in mounts  # one shared volume
+        assert env["LINEARIZE_ARTIFACT_URL"].startswith("s3://linearize/")
+        assert env["LINEARIZE_S3_ENDPOINT_URL"] == "http://minio:9000"
+        # Nothing shared on disk: only Redis, PostgreSQL and the bucket (any host can run it).
+        named = [m.split(":")[0] for m in services[name].get("volumes", []) if ":" in m]
+        assert all(source.startswith("./") for source in named), (name, named)
+        assert services[name]["depends_on"]["createbucket"] == {
+            "condition": "service_completed_successfully"
+        }
         # The settings parse as the containers would see them (limits ordered, etc.).
         Settings(
             **{
@@ -185,14 +202,15 @@ def test_compose_services_commands_and_environment_match_the_code():
             }
         )
 
-    for name in ("redis", "postgres", "api", "worker", "worker-cpu"):
+    for name in ("redis", "postgres", "minio", "api", "worker", "worker-cpu"):
         assert "healthcheck" in services[name], name
+    assert "mc mb --ignore-existing local/linearize" in services["createbucket"]["entrypoint"][-1]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert services["worker"]["profiles"] == ["gpu"] and services["worker-cpu"]["profiles"] == [
         "cpu"
     ]
-    assert "artifacts" in _compose()["volumes"]
+    assert "artifacts" not in _compose()["volumes"]
 
 
 def test_dockerfile_builds_an_api_image_without_torch_and_a_worker_image_with_it():
