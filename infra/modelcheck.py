@@ -150,7 +150,10 @@ def _resolve_s3_model(name: str, settings: Settings) -> ModelSource:
         raise ModelRejected(f"model {name!r} has no safetensors weights")
     layers = None
     if "config.json" in files:
-        layers = _layers_of(json.loads(_s3_read(url, "config.json", settings)))
+        try:
+            layers = _layers_of(json.loads(_s3_read(url, "config.json", settings)))
+        except Exception:  # unreadable or not JSON: the engine decides when it loads the model
+            layers = None
     return ModelSource(name, "s3", None, layers)
 
 

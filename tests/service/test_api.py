@@ -280,7 +280,7 @@ def test_cancel_a_queued_job_is_immediate_and_idempotent(api, dataset):
 
 def test_report_and_artifacts_of_an_unfinished_job_are_409(api, dataset):
     job = submit(api, tiny_spec(dataset)).json()
-    for suffix in ("report", "artifacts", "checkpoint.tar", "artifacts/config.json"):
+    for suffix in ("report", "artifacts", "checkpoint", "checkpoint.tar", "artifacts/config.json"):
         assert api.get(f"/v1/jobs/{job['id']}/{suffix}", headers=AUTH["alpha"]).status_code == 409
 
 
@@ -340,6 +340,21 @@ def test_checkpoint_tar_streams_the_listed_files(api, dataset, tmp_path):
     with tarfile.open(fileobj=io.BytesIO(body)) as archive:
         assert sorted(archive.getnames()) == ["checkpoint/config.json", "checkpoint/sub/a.txt"]
         assert archive.extractfile("checkpoint/sub/a.txt").read() == b"a"
+
+
+def test_checkpoint_manifest_on_the_local_store_points_at_the_api_routes(api, dataset):
+    import hashlib
+
+    job_id, _ = _finished_job(api, dataset)
+    manifest = api.get(f"/v1/jobs/{job_id}/checkpoint", headers=AUTH["alpha"]).json()
+    assert manifest["job_id"] == job_id and manifest["expires_in_s"] is None
+    assert manifest["total_bytes"] == 3
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["sub/a.txt"]["url"] == f"/v1/jobs/{job_id}/artifacts/sub/a.txt"
+    assert files["sub/a.txt"]["sha256"] == hashlib.sha256(b"a").hexdigest()
+    body = api.get(files["config.json"]["url"], headers=AUTH["alpha"]).content
+    assert hashlib.sha256(body).hexdigest() == files["config.json"]["sha256"]
+    assert api.get(f"/v1/jobs/{job_id}/checkpoint", headers=AUTH["beta"]).status_code == 404
 
 
 # Uploads --------------------------------------------------------------------------------------
