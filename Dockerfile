@@ -13,6 +13,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api_schemas ./api_schemas
 COPY linearize ./linearize
+COPY infra ./infra
 COPY service ./service
 COPY worker ./worker
 RUN pip wheel --wheel-dir /wheels/api '.[api]'

@@ -114,3 +114,22 @@ class Artifact(_Resource):
 class ArtifactList(_Resource):
     items: list[Artifact]
     total_bytes: int
+
+
+class CheckpointFile(Artifact):
+    url: str = Field(
+        ...,
+        description="Where to GET the file: a short-lived pre-signed link on object storage, "
+        "else the API's artifact route (send the API key).",
+    )
+
+
+class Checkpoint(_Resource):
+    """A published checkpoint: every file with size, sha256 and a download link."""
+
+    job_id: str
+    files: list[CheckpointFile]
+    total_bytes: int
+    expires_in_s: int | None = Field(
+        None, description="Lifetime of pre-signed links; null when links go through the API."
+    )

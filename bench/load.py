@@ -10,6 +10,13 @@ between requests, like a polling CI client) and `closed` (back to back: saturati
 
     .venv/bin/python bench/load.py                       # SQLite job store, local Redis
     .venv/bin/python bench/load.py --database postgres   # PostgreSQL job store
+    .venv/bin/python bench/load.py --s3 --database postgres --workers 2 --worker-concurrency 1 \
+        --no-latency                                     # artifacts in a bucket, 2 workers
+
+--s3 starts an S3-compatible server (moto's standalone server, as in the tests), puts the
+artifacts in a bucket and runs --workers worker processes, each with its own scratch directory
+and no shared artifact directory. After the jobs it times the download of a --download-mb
+checkpoint through the pre-signed link against through the API (`checkpoint.tar`).
 
 Needs Redis at --redis (default redis://127.0.0.1:6379/12) and, for --database postgres,
 PostgreSQL at --postgres. Writes bench/results/service_load_<database>.json and prints a table.
@@ -56,7 +63,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Service:
-    def __init__(self, workdir: Path, database_url: str, redis_url: str, model_root: Path):
+    def __init__(
+        self,
+        workdir: Path,
+        database_url: str,
+        redis_url: str,
+        model_root: Path,
+        extra_env: dict | None = None,
+    ):
         queue = f"bench-{uuid.uuid4().hex[:6]}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -75,22 +89,23 @@ class Service:
             # A warm pool process per CPU: the bench measures the service, not torch imports.
             "LINEARIZE_WORKER_MAX_TASKS_PER_CHILD": "0",
             "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
         }
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             args,
             cwd=REPO,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def start(self, concurrency: int, api_workers: int = 1) -> None:
+    def start(self, concurrency: int, api_workers: int = 1, workers: int = 1) -> None:
         self._spawn(
             "api",
             [
@@ -109,23 +124,29 @@ class Service:
                 str(api_workers),
             ],
         )
-        self._spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "-c",
-                str(concurrency),
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "WARNING",
-            ],
-        )
+        for index in range(workers):
+            # Each worker as on its own host: its own data and scratch directories.
+            own = self.workdir / f"host-{index}"
+            self._spawn(
+                f"worker-{index}",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.app",
+                    "worker",
+                    "-c",
+                    str(concurrency),
+                    "-n",
+                    f"bench{index}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                {"LINEARIZE_SCRATCH_DIR": str(own / "scratch")} if workers > 1 else None,
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -203,6 +224,7 @@ def phase_throughput(url: str, dataset_id: str, jobs: int, clients: int, timeout
         "refused": sum(1 for job_id, _ in results if job_id is None),
         "terminal": len(statuses),
         "succeeded": sum(1 for s in statuses.values() if s == "succeeded"),
+        "first_succeeded": next((j for j in ids if statuses.get(j) == "succeeded"), None),
         "lost": len(ids) - len(statuses),
         "submit_s": round(submit_s, 2),
         "all_terminal_s": round(total_s, 2),
@@ -257,6 +279,83 @@ async def phase_latency(
     }, created
 
 
+def phase_download(service: Service, job_id: str, megabytes: int, workdir: Path) -> dict:
+    """Replace a finished job's checkpoint by one `megabytes` file (random bytes), published
+    with the workers' own code (multipart upload, manifest last), then time its download via
+    the pre-signed link and via the API's tar stream, each checked against its sha256."""
+    import hashlib
+
+    from sqlalchemy import update
+
+    from api_schemas.jobs import Artifact
+    from infra.db import JobRow, make_engine
+    from infra.objectstore import artifact_store
+    from infra.settings import Settings
+    from infra.store import Store
+
+    os.environ.update({k: v for k, v in service.env.items() if k.startswith("AWS_")})
+    settings = Settings(
+        **{
+            k.removeprefix("LINEARIZE_").lower(): v
+            for k, v in service.env.items()
+            if k.startswith("LINEARIZE_")
+        }
+    )
+    staged = workdir / "big" / "checkpoint"
+    staged.mkdir(parents=True)
+    digest = hashlib.sha256()
+    with (staged / "model.safetensors").open("wb") as fh:
+        for _ in range(megabytes):
+            chunk = os.urandom(1024 * 1024)
+            digest.update(chunk)
+            fh.write(chunk)
+    item = Artifact(
+        path="model.safetensors", size=megabytes * 1024 * 1024, sha256=digest.hexdigest()
+    )
+    t0 = time.monotonic()
+    artifact_store(settings).publish(job_id, "bench-big", staged, [item], lambda: None)
+    upload_s = time.monotonic() - t0
+    (staged / "model.safetensors").unlink()
+    store = Store(make_engine(settings.resolved_database_url))
+    with store.session() as s:
+        s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id)
+            .values(artifacts_json=json.dumps([item.model_dump()]))
+        )
+        s.commit()
+
+    def timed_get(http: httpx.Client, url: str) -> tuple[float, str, int]:
+        sha, size = hashlib.sha256(), 0
+        t0 = time.monotonic()
+        with http.stream("GET", url) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(1024 * 1024):
+                sha.update(chunk)
+                size += len(chunk)
+        return time.monotonic() - t0, sha.hexdigest(), size
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=service.url, headers=headers, timeout=600) as api:
+        t0 = time.monotonic()
+        url = api.get(f"/v1/jobs/{job_id}/checkpoint").json()["files"][0]["url"]
+        manifest_s = time.monotonic() - t0
+        with httpx.Client(timeout=600) as plain:
+            presigned_s, presigned_sha, _ = timed_get(plain, url)
+        tar_s, _tar_sha, tar_bytes = timed_get(api, f"/v1/jobs/{job_id}/checkpoint.tar")
+    assert presigned_sha == item.sha256, "pre-signed download does not match its sha256"
+    mb = megabytes * 1024 * 1024 / 1e6
+    return {
+        "megabytes": megabytes,
+        "publish_s": round(upload_s, 2),
+        "manifest_request_s": round(manifest_s, 3),
+        "presigned_s": round(presigned_s, 2),
+        "presigned_mb_s": round(mb / presigned_s, 1),
+        "api_tar_s": round(tar_s, 2),
+        "api_tar_mb_s": round(tar_bytes / 1e6 / tar_s, 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200)
@@ -271,6 +370,10 @@ def main() -> int:
     parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--s3", action="store_true", help="artifacts in a bucket (moto server)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency phase")
+    parser.add_argument("--download-mb", type=int, default=500)
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -290,9 +393,18 @@ def main() -> int:
             database_url = f"{args.postgres}/linearize_test?options=-csearch_path%3D{schema}"
         else:
             database_url = f"sqlite:///{workdir / 'jobs.sqlite'}"
-        service = Service(workdir, database_url, args.redis, workdir / "models")
+        s3_server, extra_env = None, {}
+        if args.s3:
+            sys.path.insert(0, str(REPO / "tests" / "service"))
+            from s3_helpers import S3Server, s3_env
+
+            s3_server = S3Server(workdir / "moto.log").start()
+            extra_env = s3_env(s3_server, s3_server.new_bucket())
+        service = Service(workdir, database_url, args.redis, workdir / "models", extra_env)
+        download = None
+        latency = []
         try:
-            service.start(args.worker_concurrency, args.api_workers)
+            service.start(args.worker_concurrency, args.api_workers, args.workers)
             text_path = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
             body = (
                 text_path.read_bytes()[:200_000]
@@ -308,10 +420,15 @@ def main() -> int:
                 service.url, dataset_id, args.jobs, args.clients, args.timeout
             )
             print(f"throughput: {throughput}", flush=True)
-            service.stop("worker")  # API latency alone, as with workers on GPU machines
-            latency = []
+            if args.s3 and throughput["succeeded"]:
+                download = phase_download(
+                    service, throughput["first_succeeded"], args.download_mb, workdir
+                )
+                print(f"download: {download}", flush=True)
+            for index in range(args.workers):  # API latency alone, as with workers on GPUs
+                service.stop(f"worker-{index}")
             created: list[str] = []
-            for think in (args.think_ms / 1000, 0.0):
+            for think in () if args.no_latency else (args.think_ms / 1000, 0.0):
                 result, ids = asyncio.run(
                     phase_latency(
                         service.url, dataset_id, args.latency_clients, args.latency_rounds, think
@@ -328,6 +445,8 @@ def main() -> int:
                     http.post(f"/v1/jobs/{job_id}/cancel")
         finally:
             service.stop()
+            if s3_server is not None:
+                s3_server.kill()
             if schema is not None:
                 with admin.connect() as conn:
                     conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
@@ -339,10 +458,15 @@ def main() -> int:
         "database": args.database,
         "api_workers": args.api_workers,
         "broker": "redis",
+        "artifacts": "s3 (moto server)" if args.s3 else "local directory",
+        "workers": args.workers,
+        "worker_concurrency": args.worker_concurrency,
         "throughput": throughput,
         "latency": latency,
+        "download": download,
     }
-    out = args.out or REPO / "bench" / "results" / f"service_load_{args.database}.json"
+    suffix = "_s3" if args.s3 else ""
+    out = args.out or REPO / "bench" / "results" / f"service_load_{args.database}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print()
@@ -353,6 +477,13 @@ def main() -> int:
         f"| submit + run | {t['clients']} | closed | {t['accepted']}/{t['jobs']} accepted, "
         f"{t['terminal']} terminal, {t['lost']} lost, {t['all_terminal_s']} s |"
     )
+    if download is not None:
+        d = download
+        print(
+            f"| download {d['megabytes']} MiB | 1 | - | pre-signed {d['presigned_s']} s "
+            f"({d['presigned_mb_s']} MB/s); API tar stream {d['api_tar_s']} s "
+            f"({d['api_tar_mb_s']} MB/s) |"
+        )
     for row in latency:
         print(
             f"| submit / status | {row['clients']} | {row['pacing']} ({row['think_ms']} ms) | "

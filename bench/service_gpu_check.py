@@ -2,7 +2,7 @@
 parent never loads torch or the CUDA driver (so the fork is safe), one fresh process per job.
 
 No Redis or API needed: the embedded broker (kombu over SQLite), the SQLite job store and a real
-`celery -A worker.app worker` subprocess, driven through service.store / service.broker.
+`celery -A worker.app worker` subprocess, driven through infra.store / service.broker.
 
     python bench/service_gpu_check.py --device cuda --out results.json
 
@@ -63,11 +63,11 @@ def main() -> int:
     save_tiny_model("llama", work / "models" / "tiny-llama")
 
     from api_schemas import CompressSpec, DataSpec
-    from service.artifacts import datasets_dir
+    from infra.artifacts import datasets_dir
+    from infra.db import DatasetRow, init_schema, make_engine, utcnow
+    from infra.settings import get_settings
+    from infra.store import Store
     from service.broker import Broker
-    from service.db import DatasetRow, init_schema, make_engine, utcnow
-    from service.settings import get_settings
-    from service.store import Store
 
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -203,34 +202,37 @@ class LinearizeClient:
         return self._request("GET", f"/v1/jobs/{job_id}/artifacts/{path}").content
 
     def download_checkpoint(self, job_id: str, dest: Path) -> ArtifactList:
-        """Stream checkpoint.tar, unpack it into `dest` and verify every file's sha256 against
-        the artifact list. `dest` is replaced only after everything checks out."""
+        """Download every listed file into `dest` and verify its sha256 against the artifact
+        list. Each file comes from /artifacts/{path}: streamed by the API, or a redirect to a
+        pre-signed object-storage link (followed without the API key, which httpx drops on a
+        cross-origin redirect). `dest` is replaced only after everything checks out."""
         manifest = self.artifacts(job_id)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
-            tar_path = Path(tmp) / "checkpoint.tar"
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/checkpoint.tar") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ApiError(response.status_code, response.text)
-                with tar_path.open("wb") as fh:
-                    for chunk in response.iter_bytes(1024 * 1024):
-                        fh.write(chunk)
-            unpacked = Path(tmp) / "unpacked"
-            with tarfile.open(tar_path) as archive:
-                archive.extractall(unpacked, filter="data")  # refuses links and ../ members
-            root = unpacked / "checkpoint"
+            root = Path(tmp) / "checkpoint"
             for item in manifest.items:
                 path = root / PurePosixPath(item.path)
-                if not path.is_file():
-                    raise IntegrityError(f"{item.path} missing from checkpoint.tar")
+                if not path.resolve().is_relative_to(root.resolve()):
+                    raise IntegrityError(f"{item.path}: path outside the checkpoint")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._download(f"/v1/jobs/{job_id}/artifacts/{item.path}", path)
                 if _sha256(path) != item.sha256:
                     raise IntegrityError(f"{item.path}: sha256 mismatch")
             if dest.exists():
                 shutil.rmtree(dest)
+            root.mkdir(exist_ok=True)
             root.rename(dest)
         return manifest
+
+    def _download(self, url: str, path: Path) -> None:
+        with self._http.stream("GET", url, follow_redirects=True) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response.status_code, response.text)
+            with path.open("wb") as fh:
+                for chunk in response.iter_bytes(1024 * 1024):
+                    fh.write(chunk)
 
 
 def _sha256(path: Path) -> str:

@@ -1,7 +1,6 @@
-"""Celery configuration shared by the API (publisher) and the worker, plus the reconciler.
+"""The API side of the broker: publishing, inspecting the queue, and the reconciler.
 
-The API publishes tasks by name (no import of `worker`). The database decides what should run;
-the reconciler re-sends every queued job the broker has lost (Redis restarted without
+The database decides what should run; the reconciler re-sends every queued job the broker has lost (Redis restarted without
 persistence, a publish that failed while Redis was down, a message fetched by a worker that died).
 """
 
@@ -9,20 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
-import shutil
 import threading
 import time
 from datetime import timedelta
-from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
 
 from api_schemas.jobs import TASK_RUN_JOB, TASK_SEND_WEBHOOK
-from service.db import utcnow
-from service.settings import Settings
-from service.store import Store
+from infra.db import utcnow
+from infra.objectstore import ArtifactStore, artifact_store
+from infra.queueing import celery_config, job_id_of, task_id_for
+from infra.settings import Settings
+from infra.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -30,59 +27,6 @@ log = logging.getLogger(__name__)
 _REDIS_PRIORITY_SEP = "\x06\x16"
 _REDIS_PRIORITY_LEVELS = (3, 6, 9)
 _REDIS_UNACKED_KEY = "unacked"
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    url = settings.resolved_broker_url
-    transport: dict[str, Any] = {}
-    if settings.broker_is_redis:
-        transport = {
-            # Above the hard time limit: otherwise Redis hands a still-running task to a second
-            # worker (the "redelivery trap").
-            "visibility_timeout": settings.visibility_timeout_s,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 10,
-        }
-    # (kombu's SQLAlchemy transport hands its options to create_engine: none needed there.)
-    return dict(
-        broker_url=url,
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=2,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_time_limit=settings.task_time_limit_s,
-        worker_max_tasks_per_child=settings.worker_max_tasks_per_child or None,
-        task_ignore_result=True,
-        result_backend=None,
-        task_serializer="json",
-        accept_content=["json"],
-        task_default_queue=settings.job_queue,
-        # Each queue with its own direct exchange and key: Celery would otherwise bind every
-        # declared queue to the default exchange and key, and webhooks would land on the GPUs.
-        task_queues=tuple(
-            Queue(name, Exchange(name, type="direct"), routing_key=name)
-            for name in (settings.job_queue, settings.webhook_queue)
-        ),
-        task_routes={
-            TASK_RUN_JOB: {"queue": settings.job_queue},
-            TASK_SEND_WEBHOOK: {"queue": settings.webhook_queue},
-        },
-        worker_enable_remote_control=settings.broker_is_redis,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_hijack_root_logger=False,
-    )
-
-
-def task_id_for(job_id: str) -> str:
-    """The job id leads the task id, so the reconciler can tell which jobs the broker holds."""
-    return f"{job_id}.{secrets.token_hex(4)}"
-
-
-def job_id_of(task_id: str) -> str:
-    return task_id.split(".", 1)[0]
 
 
 class Broker:
@@ -233,10 +177,17 @@ class Reconciler:
     """Makes the broker match the database, and applies retention. Safe to run in every API
     process at once: publishing a job twice is harmless (the worker's lease drops the copy)."""
 
-    def __init__(self, settings: Settings, store: Store, broker: Broker):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        artifacts: ArtifactStore | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.broker = broker
+        self.artifacts = artifacts if artifacts is not None else artifact_store(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_retention: float | None = None
@@ -291,15 +242,22 @@ class Reconciler:
 
     def apply_retention(self) -> None:
         now = utcnow()
-        artifacts = self.settings.resolved_artifact_dir
         for job_id in self.store.expire_artifacts(
             now - timedelta(days=self.settings.artifact_retention_days)
         ):
-            shutil.rmtree(artifacts / "jobs" / job_id, ignore_errors=True)
+            self._quietly(self.artifacts.delete_job, job_id)
         for path in self.store.expire_datasets(
             now - timedelta(days=self.settings.dataset_retention_days)
         ):
-            try:
-                (artifacts / "datasets" / path).unlink(missing_ok=True)
-            except OSError:
-                log.warning("could not delete expired dataset %s", path)
+            self._quietly(self.artifacts.delete_dataset, path)
+        # Workers that died mid-upload long ago (their job was retried elsewhere or failed).
+        self._quietly(
+            self.artifacts.abort_stale_uploads, self.settings.s3_stale_upload_hours * 3600
+        )
+
+    @staticmethod
+    def _quietly(action, *args) -> None:
+        try:
+            action(*args)
+        except Exception as exc:  # retention runs again in an hour
+            log.warning("retention step %s%r failed: %s", action.__name__, args, exc)

@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from infra.objectstore import ArtifactStore
+from infra.settings import Settings
+from infra.store import Store
+from service.auth import tenant_for_key
 from service.broker import Broker
-from service.settings import Settings, tenant_for_key
-from service.store import Store
 
 
 @dataclass
@@ -19,6 +21,7 @@ class AppState:
     store: Store
     broker: Broker
     key_hashes: dict[str, str]
+    artifacts: ArtifactStore
 
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a sync dependency in the thread

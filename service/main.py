@@ -9,13 +9,15 @@ from importlib import metadata
 
 from fastapi import FastAPI
 
+from infra.db import init_schema, make_engine
+from infra.objectstore import ArtifactStoreError, artifact_store
+from infra.settings import Settings, get_settings
+from infra.store import Store
+from service.auth import key_hashes
 from service.broker import Broker, Reconciler
-from service.db import init_schema, make_engine
 from service.deps import AppState
 from service.metrics import make_registry
 from service.routers import datasets, health, jobs, ui
-from service.settings import Settings, get_settings
-from service.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,18 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         config = settings or get_settings()
         engine = make_engine(config.resolved_database_url)
         init_schema(engine)
-        config.resolved_artifact_dir.mkdir(parents=True, exist_ok=True)
+        artifacts = artifact_store(config)
+        try:
+            artifacts.check()
+        except ArtifactStoreError as exc:
+            # Keep serving: /readyz says what is wrong, and the store may come back.
+            log.error("artifact store not usable: %s", exc)
         store = Store(engine)
         broker = Broker(config)
-        state = AppState(config, store, broker, config.key_hashes())
+        state = AppState(config, store, broker, key_hashes(config), artifacts)
         app.state.linearize = state
         app.state.metrics_registry, app.state.http_latency = make_registry(state)
-        reconciler = Reconciler(config, store, broker)
+        reconciler = Reconciler(config, store, broker, artifacts)
         if reconcile:
             reconciler.start()
         try:

@@ -1,6 +1,6 @@
 """The Celery app: `celery -A worker.app worker -Q <queue> -c 1` (one process per GPU).
 
-Configuration comes from the same LINEARIZE_ settings as the API (service.broker.celery_config):
+Configuration comes from the same LINEARIZE_ settings as the API (infra.queueing.celery_config):
 acks late, requeue when the pool process dies, prefetch 1, soft and hard time limits, Redis
 visibility timeout above the hard limit, and a fresh process per task.
 """
@@ -15,8 +15,8 @@ import threading
 
 from celery import Celery, signals
 
-from service.broker import celery_config
-from service.settings import get_settings
+from infra.queueing import celery_config
+from infra.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ class _Heartbeat:
 
 
 _heartbeat: _Heartbeat | None = None
+
+
+@signals.worker_init.connect
+def _check_artifact_store(**_kwargs) -> None:
+    """Refuse to start on a store it cannot use (wrong credentials, no bucket): a clear line in
+    the worker log beats every job failing later."""
+    from infra.objectstore import ArtifactStoreError, artifact_store
+
+    try:
+        artifact_store(get_settings()).check()
+    except ArtifactStoreError as exc:
+        log.critical("artifact store not usable, worker not started: %s", exc)
+        raise SystemExit(2) from None
 
 
 @signals.worker_ready.connect

@@ -2,8 +2,10 @@
 
 Idempotent per job id. A redelivered message finds the job terminal (dropped), leased by a live
 worker (dropped: a duplicate), or leased by a dead one (taken over, attempt + 1). The pipeline
-writes into a private staging directory; the finished checkpoint appears in one rename, and the
-database row that points at it is written only by the lease holder.
+writes into a private staging directory (next to the artifact directory, or in this worker's
+local scratch when artifacts live in a bucket); the finished checkpoint is published by the
+artifact store in one last step, and the database row that points at it is written only by the
+lease holder.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from api_schemas import DataSpec, ProgressEvent
-from service.artifacts import build_manifest, checkpoint_dir, datasets_dir, job_dir, publish_dir
-from service.db import init_schema, make_engine
-from service.modelcheck import ModelRejected, resolve_model
-from service.settings import Settings, get_settings
-from service.store import SPEC_ADAPTER, Claim, Store
+from infra.artifacts import build_manifest
+from infra.db import init_schema, make_engine
+from infra.modelcheck import ModelRejected, resolve_model
+from infra.objectstore import ArtifactStoreError, artifact_store
+from infra.settings import Settings, get_settings
+from infra.store import SPEC_ADAPTER, Claim, Store
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ WEBHOOK_OUTCOMES = frozenset({"succeeded", "failed", "cancelled"})
 
 _store: Store | None = None
 _store_pid: int | None = None
+_artifacts = None
+_artifacts_pid: int | None = None
 
 
 def worker_store() -> Store:
@@ -48,11 +53,20 @@ def worker_store() -> Store:
     return _store
 
 
+def worker_artifacts():
+    """The artifact store of this process (boto3 clients are not shared across a fork)."""
+    global _artifacts, _artifacts_pid
+    if _artifacts is None or _artifacts_pid != os.getpid():
+        _artifacts, _artifacts_pid = artifact_store(get_settings()), os.getpid()
+    return _artifacts
+
+
 def reset_after_fork() -> None:
-    global _store, _store_pid
+    global _store, _store_pid, _artifacts, _artifacts_pid
     if _store is not None:
         _store.engine.dispose(close=False)  # leave the parent's sockets alone
     _store, _store_pid = None, None
+    _artifacts, _artifacts_pid = None, None
 
 
 def new_owner() -> str:
@@ -144,26 +158,38 @@ class _ProgressSink:
 
 
 def _prepare_spec(row, settings: Settings, store: Store):
-    """The stored spec with server-side names made concrete: dataset id -> file, model -> path."""
+    """The stored spec with server-side names made concrete: dataset id -> a local file (fetched
+    into scratch from a bucket), model -> a local path (a bucket model is downloaded)."""
     spec = SPEC_ADAPTER.validate_json(row.spec_json)
+    scratch = settings.resolved_scratch_dir
     update: dict[str, object] = {}
     if spec.data.dataset_id is not None:
         dataset = store.get_dataset(row.tenant, spec.data.dataset_id)
         if dataset is None:
             raise ModelRejected(f"dataset {spec.data.dataset_id} no longer exists (retention)")
-        path = datasets_dir(settings.resolved_artifact_dir) / dataset.path
+        path = worker_artifacts().fetch_dataset(dataset.path, scratch)
         update["data"] = DataSpec(path=str(path), text_field=spec.data.text_field)
     if spec.kind == "compare":
-        update["models"] = [resolve_model(m, settings).engine_name for m in spec.models]
+        update["models"] = [_local_model(m, settings) for m in spec.models]
     else:
-        update["model"] = resolve_model(spec.model, settings).engine_name
+        update["model"] = _local_model(spec.model, settings)
     return spec.model_copy(update=update)
 
 
-def _clean_staging(directory: Path) -> None:
-    if directory.is_dir():
-        for stale in directory.glob(".attempt-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+def _local_model(name: str, settings: Settings) -> str:
+    source = resolve_model(name, settings)
+    if source.kind != "s3":
+        return source.engine_name
+    from infra.modelcheck import fetch_s3_model
+
+    return str(fetch_s3_model(source, settings, settings.resolved_scratch_dir / "models"))
+
+
+def _engine_cache_dir(settings: Settings) -> str:
+    """Baselines and converted models: on the shared volume when there is one, else scratch."""
+    if settings.artifact_url:
+        return str(settings.resolved_scratch_dir / "cache")
+    return str(settings.resolved_artifact_dir / "cache")
 
 
 def run_job(job_id: str) -> str:
@@ -189,25 +215,48 @@ def run_job(job_id: str) -> str:
 
     row = store.get_job(job_id)
     assert row is not None
-    base = job_dir(settings.resolved_artifact_dir, job_id)
-    _clean_staging(base)  # leftovers of attempts whose process died
-    staging = base / f".attempt-{claim.attempt}-{secrets.token_hex(4)}"
-    staging.mkdir(parents=True)
-    out = staging / "checkpoint"
+    token = f"{claim.attempt}-{secrets.token_hex(4)}"
     with _Lease(store, job_id, owner, settings.lease_ttl_s) as lease:
+        staging: Path | None = None
         try:
-            return _execute(store, settings, row, owner, lease, out)
+            artifacts = worker_artifacts()
+            artifacts.clean_attempts(job_id)  # leftovers of attempts whose process died
+            staging = artifacts.staging_dir(job_id, token)
+            staging.mkdir(parents=True)
+        except (ArtifactStoreError, OSError) as exc:
+            return _fail(store, job_id, owner, ("artifact_store", str(exc), 3))
+        try:
+            return _execute(store, settings, row, owner, lease, staging / "checkpoint", token)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _execute(store: Store, settings: Settings, row, owner: str, lease: _Lease, out: Path) -> str:
+def _publisher(store: Store, job_id: str, owner: str, lease: _Lease):
+    """Progress events for the upload, and the lease check just before it becomes visible."""
+
+    def progress(current: int, total: int, name: str) -> None:
+        owner_ok, _cancel = store.record_progress(
+            job_id, owner, "publish", current, total, f"uploading {name}"
+        )
+        if not owner_ok or lease.lost.is_set():
+            raise LeaseLost(job_id)
+
+    def commit_ok() -> None:
+        if lease.lost.is_set() or not store.renew_lease(job_id, owner, lease.ttl_s):
+            raise LeaseLost(job_id)
+
+    return progress, commit_ok
+
+
+def _execute(
+    store: Store, settings: Settings, row, owner: str, lease: _Lease, out: Path, token: str
+) -> str:
     job_id = row.id
     try:
         spec = _prepare_spec(row, settings, store)
         # The engine's cache (baseline and analysis per model and data) goes on the shared
-        # artifact volume rather than the worker's home directory, unless set explicitly.
-        os.environ.setdefault("LINEARIZE_CACHE_DIR", str(settings.resolved_artifact_dir / "cache"))
+        # artifact volume (or local scratch) rather than the worker's home, unless set.
+        os.environ.setdefault("LINEARIZE_CACHE_DIR", _engine_cache_dir(settings))
         # Imported here, in the forked child: the parent never loads torch or touches CUDA.
         from linearize import pipeline
 
@@ -225,7 +274,8 @@ def _execute(store: Store, settings: Settings, row, owner: str, lease: _Lease, o
         manifest = build_manifest(out)
         if lease.lost.is_set():
             raise LeaseLost(job_id)
-        publish_dir(out, checkpoint_dir(settings.resolved_artifact_dir, job_id))
+        progress, commit_ok = _publisher(store, job_id, owner, lease)
+        worker_artifacts().publish(job_id, token, out, manifest, commit_ok, progress)
         gate = report.gate
         message = "" if gate is None else f"gate {'passed' if gate.passed else 'failed'}"
         if store.finish(
@@ -241,6 +291,10 @@ def _execute(store: Store, settings: Settings, row, owner: str, lease: _Lease, o
         return _fail(store, job_id, owner, error)
     except ModelRejected as exc:
         return _fail(store, job_id, owner, ("bad_input", str(exc), 2))
+    except ArtifactStoreError as exc:
+        # Nothing was made visible: the manifest (or the rename) is the last step.
+        log.error("job %s: artifact store error: %s", job_id, exc)
+        return _fail(store, job_id, owner, ("artifact_store", str(exc), 3))
     except Exception as exc:
         from linearize.errors import Cancelled, LinearizeError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from api_schemas.jobs import TASK_RUN_JOB, TASK_SEND_WEBHOOK
-from service.settings import get_settings
+from infra.settings import get_settings
 from worker import runner, webhooks
 from worker.app import app
 

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from api_schemas.jobs import TASK_SEND_WEBHOOK
-from service.broker import task_id_for
-from service.settings import Settings, get_settings
-from service.store import job_to_schema
+from infra.queueing import task_id_for
+from infra.settings import Settings, get_settings
+from infra.store import job_to_schema
 
 log = logging.getLogger(__name__)
 

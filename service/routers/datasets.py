@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,10 +11,10 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 
 from api_schemas.jobs import Dataset
-from service.artifacts import datasets_dir
-from service.db import DatasetRow, utcnow
+from infra.db import DatasetRow, utcnow
+from infra.objectstore import ArtifactStoreError
+from infra.store import dataset_to_schema, new_id
 from service.deps import StateDep, TenantDep
-from service.store import dataset_to_schema, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -129,7 +128,7 @@ async def upload_dataset(request: Request, tenant: TenantDep, state: StateDep) -
             f"upload exceeds the limit of {state.settings.max_upload_mb} MB "
             "(LINEARIZE_MAX_UPLOAD_MB)",
         )
-    directory = datasets_dir(state.settings.resolved_artifact_dir)
+    directory = state.artifacts.incoming_dir
     directory.mkdir(parents=True, exist_ok=True)
     dataset_id = new_id("ds")
     name = f"{dataset_id}.txt"
@@ -146,7 +145,11 @@ async def upload_dataset(request: Request, tenant: TenantDep, state: StateDep) -
     except BaseException:
         sink.discard()
         raise
-    os.replace(sink.path, directory / name)
+    try:
+        await run_in_threadpool(state.artifacts.save_dataset, sink.path, name)
+    except ArtifactStoreError as exc:
+        sink.discard()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     row = DatasetRow(
         id=dataset_id,
         tenant=tenant,

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from infra.objectstore import ArtifactStoreError
 from service.deps import StateDep
 
 router = APIRouter(tags=["health"])
@@ -20,7 +21,7 @@ def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    responses={503: {"description": "Broker, database or workers missing."}},
+    responses={503: {"description": "Broker, database, workers or artifact store missing."}},
 )
 async def readyz(state: StateDep, response: Response) -> dict[str, object]:
     def check() -> dict[str, object]:
@@ -33,10 +34,23 @@ async def readyz(state: StateDep, response: Response) -> dict[str, object]:
         workers = (
             len(state.store.alive_workers(3 * state.settings.worker_heartbeat_s)) if database else 0
         )
-        return {"broker": state.broker.ping(), "database": database, "workers": workers}
+        checks: dict[str, object] = {
+            "broker": state.broker.ping(),
+            "database": database,
+            "workers": workers,
+            "artifacts": True,
+        }
+        try:
+            state.artifacts.check()
+        except ArtifactStoreError as exc:
+            checks["artifacts"] = False
+            checks["artifacts_error"] = str(exc)
+        return checks
 
     checks = await run_in_threadpool(check)
-    ready = bool(checks["broker"] and checks["database"] and checks["workers"])
+    ready = bool(
+        checks["broker"] and checks["database"] and checks["workers"] and checks["artifacts"]
+    )
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return {"status": "ready" if ready else "not ready", "checks": checks}

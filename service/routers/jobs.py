@@ -10,11 +10,13 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 
 from api_schemas.jobs import (
     TERMINAL_STATUSES,
     ArtifactList,
+    Checkpoint,
+    CheckpointFile,
     EventList,
     Job,
     JobList,
@@ -23,16 +25,17 @@ from api_schemas.jobs import (
 from api_schemas.jobs import Artifact as ArtifactModel
 from api_schemas.report import Report
 from api_schemas.specs import AnalyzeSpec, CompareSpec, CompressSpec, EvalSpec
-from service.artifacts import checkpoint_dir, iter_tar, resolve_artifact
-from service.db import JobRow
-from service.deps import AppState, StateDep, TenantDep, unprocessable
-from service.modelcheck import ModelRejected, budget_problem, resolve_model
-from service.store import (
+from infra.artifacts import iter_tar
+from infra.db import JobRow
+from infra.modelcheck import ModelRejected, budget_problem, resolve_model
+from infra.objectstore import ArtifactStoreError
+from infra.store import (
     IdempotencyConflict,
     TenantLimitExceeded,
     event_to_schema,
     job_to_schema,
 )
+from service.deps import AppState, StateDep, TenantDep, unprocessable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -276,16 +279,54 @@ def list_artifacts(job_id: str, tenant: TenantDep, state: StateDep) -> ArtifactL
 @router.get(
     "/{job_id}/artifacts/{path:path}",
     response_class=FileResponse,
-    responses={**_ARTIFACT_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    responses={
+        **_ARTIFACT_ERRORS,
+        200: {"content": {"application/octet-stream": {}}, "description": "Local store."},
+        307: {"description": "Object storage: a short-lived pre-signed link to the file."},
+    },
 )
-def get_artifact(job_id: str, path: str, tenant: TenantDep, state: StateDep) -> FileResponse:
-    row = _load(state, tenant, job_id)
-    manifest = _manifest(row)
-    directory = checkpoint_dir(state.settings.resolved_artifact_dir, job_id)
-    file = resolve_artifact(directory, manifest, path)
+def get_artifact(job_id: str, path: str, tenant: TenantDep, state: StateDep) -> Response:
+    manifest = _manifest(_load(state, tenant, job_id))
+    if path not in {a.path for a in manifest}:  # only listed files (no traversal)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such artifact")
+    if state.artifacts.presigned:
+        url = _store_call(state.artifacts.download_url, job_id, path)
+        if url is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such artifact")
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    file = state.artifacts.local_file(job_id, path)
     if file is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such artifact")
     return FileResponse(file, filename=file.name)
+
+
+def _store_call(action, *args):
+    """An artifact store call; an unusable store is 503 with its reason, not a 500."""
+    try:
+        return action(*args)
+    except ArtifactStoreError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+
+
+@router.get("/{job_id}/checkpoint", response_model=Checkpoint, responses=_ARTIFACT_ERRORS)
+def get_checkpoint_manifest(job_id: str, tenant: TenantDep, state: StateDep) -> Checkpoint:
+    """Every file with size, sha256 and a download link, to fetch shards in parallel."""
+    manifest = _manifest(_load(state, tenant, job_id))
+    base = state.settings.public_base_url.rstrip("/")
+    files = []
+    for item in manifest:
+        url = None
+        if state.artifacts.presigned:
+            url = _store_call(state.artifacts.download_url, job_id, item.path)
+        if url is None:
+            url = f"{base}/v1/jobs/{job_id}/artifacts/{item.path}"
+        files.append(CheckpointFile(**item.model_dump(), url=url))
+    return Checkpoint(
+        job_id=job_id,
+        files=files,
+        total_bytes=sum(f.size for f in files),
+        expires_in_s=state.settings.presigned_url_ttl_s if state.artifacts.presigned else None,
+    )
 
 
 @router.get(
@@ -294,12 +335,18 @@ def get_artifact(job_id: str, path: str, tenant: TenantDep, state: StateDep) -> 
     responses={**_ARTIFACT_ERRORS, 200: {"content": {"application/x-tar": {}}}},
 )
 def get_checkpoint(job_id: str, tenant: TenantDep, state: StateDep) -> StreamingResponse:
-    """The whole checkpoint directory as a tar stream (members under `checkpoint/`)."""
-    row = _load(state, tenant, job_id)
-    manifest = _manifest(row)
-    directory = checkpoint_dir(state.settings.resolved_artifact_dir, job_id)
+    """The whole checkpoint as a tar stream (members under `checkpoint/`), read through the API
+    from either store; on object storage the manifest's links avoid this hop."""
+    manifest = _manifest(_load(state, tenant, job_id))
+
+    def open_file(path: str):
+        handle = state.artifacts.open_file(job_id, path)
+        if handle is None:  # listed in the DB but gone from the store: end the stream broken
+            raise RuntimeError(f"artifact {path} of {job_id} is missing from the store")
+        return handle
+
     return StreamingResponse(
-        iter_tar(directory, manifest),
+        iter_tar(manifest, open_file),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{job_id}.tar"'},
     )

@@ -200,13 +200,13 @@ class Stack:
         self.logs: list[Path] = []
         root.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         log = self.root / log_name
         self.logs.append(log)
         return subprocess.Popen(
             args,
             cwd=REPO,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: killpg takes the pool too
@@ -239,7 +239,10 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def start_worker(self, concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(
+        self, concurrency: int = 1, env: dict | None = None, wait: bool = True
+    ) -> subprocess.Popen:
+        """A Celery worker; `env` overrides per worker (its own scratch, as on another host)."""
         index = len(self.workers)
         name = f"w{index}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         proc = self._spawn(
@@ -260,10 +263,12 @@ class Stack:
                 "INFO",
             ],
             f"worker-{index}.log",
+            env,
         )
         self.workers.append(proc)
         log = self.root / f"worker-{index}.log"
-        wait_until(lambda: self._ready(proc, log), 60, what="the worker")
+        if wait:
+            wait_until(lambda: self._ready(proc, log), 60, what="the worker")
         return proc
 
     def _ready(self, proc: subprocess.Popen, log: Path) -> bool:

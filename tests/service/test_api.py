@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from stack_helpers import KEYS, free_port, tiny_spec
 
 from api_schemas.jobs import Artifact
-from service.artifacts import checkpoint_dir
+from infra.artifacts import checkpoint_dir
+from infra.settings import Settings
+from infra.store import Store
 from service.main import create_app
-from service.settings import Settings
-from service.store import Store
 
 AUTH = {t: {"Authorization": f"Bearer {k}"} for t, k in KEYS.items()}
 
@@ -294,7 +294,7 @@ def test_cancel_a_queued_job_is_immediate_and_idempotent(api, dataset):
 
 def test_report_and_artifacts_of_an_unfinished_job_are_409(api, dataset):
     job = submit(api, tiny_spec(dataset)).json()
-    for suffix in ("report", "artifacts", "checkpoint.tar", "artifacts/config.json"):
+    for suffix in ("report", "artifacts", "checkpoint", "checkpoint.tar", "artifacts/config.json"):
         assert api.get(f"/v1/jobs/{job['id']}/{suffix}", headers=AUTH["alpha"]).status_code == 409
 
 
@@ -307,7 +307,7 @@ def _finished_job(api, dataset) -> tuple[str, Path]:
     (directory / "config.json").write_text("{}")
     (directory / "sub" / "a.txt").write_text("a")
     (directory.parent / "secret.txt").write_text("not an artifact")
-    from service.artifacts import build_manifest
+    from infra.artifacts import build_manifest
 
     manifest: list[Artifact] = build_manifest(directory)
     state.store.claim(
@@ -354,6 +354,21 @@ def test_checkpoint_tar_streams_the_listed_files(api, dataset, tmp_path):
     with tarfile.open(fileobj=io.BytesIO(body)) as archive:
         assert sorted(archive.getnames()) == ["checkpoint/config.json", "checkpoint/sub/a.txt"]
         assert archive.extractfile("checkpoint/sub/a.txt").read() == b"a"
+
+
+def test_checkpoint_manifest_on_the_local_store_points_at_the_api_routes(api, dataset):
+    import hashlib
+
+    job_id, _ = _finished_job(api, dataset)
+    manifest = api.get(f"/v1/jobs/{job_id}/checkpoint", headers=AUTH["alpha"]).json()
+    assert manifest["job_id"] == job_id and manifest["expires_in_s"] is None
+    assert manifest["total_bytes"] == 3
+    files = {f["path"]: f for f in manifest["files"]}
+    assert files["sub/a.txt"]["url"] == f"/v1/jobs/{job_id}/artifacts/sub/a.txt"
+    assert files["sub/a.txt"]["sha256"] == hashlib.sha256(b"a").hexdigest()
+    body = api.get(files["config.json"]["url"], headers=AUTH["alpha"]).content
+    assert hashlib.sha256(body).hexdigest() == files["config.json"]["sha256"]
+    assert api.get(f"/v1/jobs/{job_id}/checkpoint", headers=AUTH["beta"]).status_code == 404
 
 
 # Uploads --------------------------------------------------------------------------------------
@@ -454,7 +469,12 @@ def test_openapi_documents_every_route_and_the_shared_specs(api):
 def test_readyz_needs_a_worker_heartbeat(api):
     response = api.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["checks"] == {"broker": True, "database": True, "workers": 0}
+    assert response.json()["checks"] == {
+        "broker": True,
+        "database": True,
+        "workers": 0,
+        "artifacts": True,
+    }
     store: Store = api.app.state.linearize.store
     store.heartbeat_worker("w@h", "q", "h", 1)
     assert api.get("/readyz").status_code == 200

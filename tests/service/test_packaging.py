@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 from stack_helpers import REPO, free_port
 
-from service.settings import Settings
+from infra.settings import Settings
 
 BLOCK_TORCH = textwrap.dedent(
     """
@@ -53,6 +53,7 @@ def _run(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
 def test_api_starts_and_answers_with_torch_unimportable(tmp_path):
     code = BLOCK_TORCH + textwrap.dedent(
         """
+        import infra.artifacts, infra.modelcheck, infra.queueing, infra.store
         import service.main
         from fastapi.testclient import TestClient
 
@@ -74,6 +75,39 @@ def test_api_starts_and_answers_with_torch_unimportable(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+# Which top-level packages each layer may import (statically, anywhere in the file): the API
+# front and the shared infra stay free of the engine, and the worker reaches the store through
+# infra, never through the HTTP front.
+FORBIDDEN_IMPORTS = {
+    "infra": {"torch", "transformers", "safetensors", "linearize", "service", "worker"},
+    "service": {"torch", "transformers", "safetensors", "linearize", "worker"},
+    "worker": {"service"},
+}
+
+
+def _imported_roots(path) -> set[str]:
+    import ast
+
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))
+def test_layers_import_only_what_the_dependency_rule_allows(package):
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, package
+    offenders = {
+        str(f.relative_to(REPO)): sorted(_imported_roots(f) & FORBIDDEN_IMPORTS[package])
+        for f in files
+    }
+    assert not {f: bad for f, bad in offenders.items() if bad}
+
+
 def test_worker_modules_do_not_import_torch_before_the_fork(tmp_path):
     code = textwrap.dedent(
         """
@@ -92,7 +126,7 @@ def test_worker_modules_do_not_import_torch_before_the_fork(tmp_path):
 
 
 def test_worker_config_keeps_the_redis_redelivery_trap_closed():
-    from service.broker import celery_config
+    from infra.queueing import celery_config
 
     settings = Settings(broker_url="redis://127.0.0.1:6379/0")
     config = celery_config(settings)
@@ -108,7 +142,16 @@ def _compose() -> dict:
 
 def test_compose_services_commands_and_environment_match_the_code():
     services = _compose()["services"]
-    assert {"redis", "postgres", "api", "worker", "worker-cpu", "webhooks"} <= set(services)
+    assert {
+        "redis",
+        "postgres",
+        "minio",
+        "createbucket",
+        "api",
+        "worker",
+        "worker-cpu",
+        "webhooks",
+    } <= set(services)
     defaults = Settings()
     fields = {f"LINEARIZE_{name.upper()}" for name in Settings.model_fields}
 
@@ -132,7 +175,9 @@ def test_compose_services_commands_and_environment_match_the_code():
         for required in (
             "LINEARIZE_BROKER_URL",
             "LINEARIZE_DATABASE_URL",
-            "LINEARIZE_ARTIFACT_DIR",
+            "LINEARIZE_ARTIFACT_URL",
+            "LINEARIZE_S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
             "LINEARIZE_MODEL_ROOTS",
             "LINEARIZE_MAX_UPLOAD_MB",
             "LINEARIZE_API_KEYS",
@@ -140,8 +185,14 @@ def test_compose_services_commands_and_environment_match_the_code():
             assert required in env, (name, required)
         assert env["LINEARIZE_BROKER_URL"].startswith("redis://redis:")
         assert env["LINEARIZE_DATABASE_URL"].startswith("postgresql+psycopg://")
-        mounts = services[name]["volumes"]
-        assert f"artifacts:{env['LINEARIZE_ARTIFACT_DIR']}" in mounts  # one shared volume
+        assert env["LINEARIZE_ARTIFACT_URL"].startswith("s3://linearize/")
+        assert env["LINEARIZE_S3_ENDPOINT_URL"] == "http://minio:9000"
+        # Nothing shared on disk: only Redis, PostgreSQL and the bucket (any host can run it).
+        named = [m.split(":")[0] for m in services[name].get("volumes", []) if ":" in m]
+        assert all(source.startswith("./") for source in named), (name, named)
+        assert services[name]["depends_on"]["createbucket"] == {
+            "condition": "service_completed_successfully"
+        }
         # The settings parse as the containers would see them (limits ordered, etc.).
         Settings(
             **{
@@ -151,14 +202,15 @@ def test_compose_services_commands_and_environment_match_the_code():
             }
         )
 
-    for name in ("redis", "postgres", "api", "worker", "worker-cpu"):
+    for name in ("redis", "postgres", "minio", "api", "worker", "worker-cpu"):
         assert "healthcheck" in services[name], name
+    assert "mc mb --ignore-existing local/linearize" in services["createbucket"]["entrypoint"][-1]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert services["worker"]["profiles"] == ["gpu"] and services["worker-cpu"]["profiles"] == [
         "cpu"
     ]
-    assert "artifacts" in _compose()["volumes"]
+    assert "artifacts" not in _compose()["volumes"]
 
 
 def test_dockerfile_builds_an_api_image_without_torch_and_a_worker_image_with_it():

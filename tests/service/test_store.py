@@ -10,8 +10,8 @@ from sqlalchemy import update
 
 from api_schemas import CompressSpec, DataSpec
 from api_schemas.jobs import Artifact
-from service.db import SCHEMA_VERSION, JobRow, SchemaVersionRow, init_schema, make_engine, utcnow
-from service.store import Claim, IdempotencyConflict, Store, TenantLimitExceeded
+from infra.db import SCHEMA_VERSION, JobRow, SchemaVersionRow, init_schema, make_engine, utcnow
+from infra.store import Claim, IdempotencyConflict, Store, TenantLimitExceeded
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-def _split(value: object) -> list[str]:
+def split_list(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -36,6 +34,26 @@ class Settings(BaseSettings):
     )
     artifact_dir: Path | None = Field(
         None, description="Checkpoints and uploads; DATA_DIR/artifacts."
+    )
+    artifact_url: str = Field(
+        "", description="s3://bucket/prefix for object storage; empty: the ARTIFACT_DIR directory."
+    )
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint; empty: AWS S3.")
+    s3_public_endpoint_url: str = Field(
+        "", description="Endpoint clients reach for pre-signed links; empty: s3_endpoint_url."
+    )
+    s3_part_size_mb: int = Field(64, ge=5, description="Multipart upload part size (S3 min 5).")
+    s3_max_attempts: int = Field(5, ge=1, description="boto3 attempts per request (backoff).")
+    s3_max_bandwidth_mb_s: float = Field(0.0, ge=0, description="Per-transfer cap; 0: none.")
+    presigned_url_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+    s3_stale_upload_hours: float = Field(
+        24.0, gt=0, description="Unfinished multipart uploads older than this are aborted."
+    )
+    scratch_dir: Path | None = Field(
+        None, description="Worker-local scratch (downloads, staging); DATA_DIR/scratch."
+    )
+    model_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated s3://bucket/prefix models may lie in."
     )
     model_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated dirs; local models must lie inside."
@@ -81,15 +99,30 @@ class Settings(BaseSettings):
     dataset_retention_days: float = Field(30.0, gt=0)
     public_base_url: str = Field("", description="Prefix for job urls; empty: relative urls.")
 
-    @field_validator("model_roots", "webhook_allowed_hosts", mode="before")
+    @field_validator("model_roots", "webhook_allowed_hosts", "model_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> list[str]:
-        return _split(value)
+        return split_list(value)
 
     @field_validator("webhook_retry_delays_s", mode="before")
     @classmethod
     def _comma_floats(cls, value: object) -> list[float]:
-        return [float(v) for v in _split(value)]
+        return [float(v) for v in split_list(value)]
+
+    @field_validator("artifact_url")
+    @classmethod
+    def _artifact_url_scheme(cls, value: str) -> str:
+        if value and not (value.startswith("s3://") and len(value) > len("s3://")):
+            raise ValueError("artifact_url must be s3://bucket[/prefix] (or empty: a directory)")
+        return value
+
+    @field_validator("model_urls")
+    @classmethod
+    def _model_urls_scheme(cls, value: list[str]) -> list[str]:
+        bad = [url for url in value if not url.startswith("s3://")]
+        if bad:
+            raise ValueError(f"model_urls must be s3://bucket/prefix entries, got {bad}")
+        return [url.rstrip("/") + "/" for url in value]
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
@@ -116,42 +149,16 @@ class Settings(BaseSettings):
         return (self.artifact_dir or self.data_dir / "artifacts").resolve()
 
     @property
+    def resolved_scratch_dir(self) -> Path:
+        return (self.scratch_dir or self.data_dir / "scratch").resolve()
+
+    @property
     def broker_is_redis(self) -> bool:
         return self.resolved_broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
 
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
-
-    def key_hashes(self) -> dict[str, str]:
-        """sha256(key) -> tenant. Plain keys are hashed here and never kept."""
-        table: dict[str, str] = {}
-        for pair in _split(self.api_keys):
-            tenant, sep, key = pair.partition(":")
-            if not sep or not tenant or not key:
-                raise ValueError("LINEARIZE_API_KEYS wants comma-separated tenant:key pairs")
-            table[hash_key(key)] = tenant
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    tenant, _, digest = line.partition(":")
-                    table[digest.strip().lower()] = tenant.strip()
-        return table
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def tenant_for_key(table: dict[str, str], key: str) -> str | None:
-    digest = hash_key(key)
-    # Compare against every entry so the time taken does not reveal a matching prefix.
-    found = None
-    for stored, tenant in table.items():
-        if hmac.compare_digest(stored, digest):
-            found = tenant
-    return found
 
 
 @lru_cache(maxsize=1)

@@ -36,7 +36,7 @@ from api_schemas.jobs import (
     JobUrls,
 )
 from api_schemas.specs import JobSpec
-from service.db import DatasetRow, EventRow, JobRow, WorkerRow, utcnow
+from infra.db import DatasetRow, EventRow, JobRow, WorkerRow, utcnow
 
 SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
 

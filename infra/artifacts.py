@@ -1,7 +1,6 @@
-"""The artifact store: one directory per job under LINEARIZE_ARTIFACT_DIR (a shared volume).
-
-A job's files become visible in one rename of a finished directory, so a reader (the API, a
-download) never sees a half-written checkpoint.
+"""Checkpoint files on disk: the local layout under LINEARIZE_ARTIFACT_DIR, manifests (path,
+size, sha256), the one-rename publish, and the tar stream. `infra.objectstore` builds the two
+artifact store backends on these.
 """
 
 from __future__ import annotations
@@ -11,8 +10,10 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import IO
 
 from api_schemas.jobs import Artifact
 
@@ -70,29 +71,19 @@ def publish_dir(staged: Path, final: Path) -> None:
     os.replace(staged, final)
 
 
-def resolve_artifact(directory: Path, manifest: list[Artifact], rel: str) -> Path | None:
-    """The file for a manifest path, or None: only listed files are served (no traversal)."""
-    if rel not in {a.path for a in manifest}:
-        return None
-    root = directory.resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
-        return None
-    return path
-
-
 def iter_tar(
-    directory: Path, manifest: list[Artifact], prefix: str = "checkpoint"
+    manifest: list[Artifact], open_file: Callable[[str], IO[bytes]], prefix: str = "checkpoint"
 ) -> Iterator[bytes]:
-    """Stream a ustar/pax archive of the manifest's files in bounded memory (no temp file)."""
+    """Stream a ustar/pax archive of the manifest's files in bounded memory (no temp file);
+    `open_file(path)` reads one file from wherever the artifact store keeps it."""
+    mtime = int(time.time())
     for item in manifest:
-        path = directory / item.path
         info = tarfile.TarInfo(f"{prefix}/{item.path}")
         info.size = item.size
-        info.mtime = int(path.stat().st_mtime)
+        info.mtime = mtime
         info.mode = 0o644
         yield info.tobuf(format=tarfile.PAX_FORMAT)
-        with path.open("rb") as fh:
+        with closing(open_file(item.path)) as fh:
             while chunk := fh.read(CHUNK):
                 yield chunk
         if item.size % tarfile.BLOCKSIZE:
