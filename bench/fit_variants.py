@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import machine  # noqa: E402  (bench/machine.py, beside this script)
+from engine import BenchJob  # noqa: E402
 
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize.architectures import decoder_layers, get_architecture  # noqa: E402
@@ -45,8 +46,6 @@ from linearize.capture import (  # noqa: E402
 )
 from linearize.evaluation import evaluate_perplexity  # noqa: E402
 from linearize.fitting import DEFAULT_RIDGE, fit_affine  # noqa: E402
-from linearize.pipeline import _Job  # noqa: E402
-from linearize.progress import Progress  # noqa: E402
 from linearize.surgery import AffineMap, OutputFold, fold_and_remove  # noqa: E402
 
 VARIANTS = (
@@ -147,7 +146,7 @@ def main() -> None:
             calib_tokens=args.calib_tokens,
             eval_tokens=args.eval_tokens,
         )
-        job = _Job(spec, Progress(None))
+        job = BenchJob(spec)
         loaded = job.load(spec.model)
         model = loaded.model
         windows = job.windows(loaded.tokenizer, eval_tokens=spec.eval_tokens)

@@ -40,13 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import machine  # noqa: E402  (bench/machine.py, beside this script)
+from engine import BenchJob  # noqa: E402
 
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import healing  # noqa: E402
 from linearize.architectures import decoder_layers  # noqa: E402
 from linearize.evaluation import evaluate_perplexity  # noqa: E402
-from linearize.pipeline import _Job  # noqa: E402
-from linearize.progress import Progress  # noqa: E402
 
 VARIANTS = (
     "maps/3e-4",  # the previous default
@@ -155,7 +154,7 @@ def main() -> None:
         calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens,
     )
-    job = _Job(spec, Progress(None))
+    job = BenchJob(spec)
     loaded = job.load(spec.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens)
@@ -168,7 +167,10 @@ def main() -> None:
         mid_position = teacher.start + healing.NEIGHBOUR_LAYERS
         deeper = healing.capture_teacher(model, windows.fit, mid_position + len(indices))
         mid_teacher = healing.TeacherCache(
-            teacher.start, teacher.inputs, torch.cat([teacher.finals, deeper.inputs], -1)
+            teacher.start,
+            teacher.inputs,
+            torch.cat([teacher.targets, deeper.inputs.data], -1),
+            "final",
         )
     carriers = job.replace(model, windows, indices)
     fitted = copy.deepcopy(model.state_dict())
@@ -182,7 +184,7 @@ def main() -> None:
         loss_fn = kl_loss(model) if variant["kl"] else None
         cache, hook = teacher, contextlib.nullcontext()
         if variant["mid"]:
-            metric = healing.logit_metric(model)
+            metric = healing.logit_metric(model.get_output_embeddings().weight)
             final = loss_fn or functools.partial(healing.centred_logit_mse, metric=metric)
             loss_fn = MidLoss(model, mid_position, variant["mid"], final)
             cache = mid_teacher

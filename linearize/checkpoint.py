@@ -113,6 +113,8 @@ def stage_checkpoint(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.parent / f".{output_dir.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    from linearize.stack import as_stack
+
     stack = as_stack(model)
     try:
         fmt = write_model(stack, staging, shard_size=shard_size)
@@ -229,16 +231,6 @@ def serializable_model(model: nn.Module) -> nn.Module:
     fresh.generation_config = copy.deepcopy(model.generation_config)
     logger.info("rebuilt the model without quantization_config so that it can be saved")
     return fresh.eval()
-
-
-def as_stack(model_or_stack):
-    """A LayerStack for a plain resident model; a stack is returned as it is."""
-    from linearize.stack import LayerStack
-
-    if isinstance(model_or_stack, LayerStack):
-        return model_or_stack
-    param = next(model_or_stack.parameters())
-    return LayerStack(model=model_or_stack, device=param.device)
 
 
 def write_model(stack, directory: Path, *, shard_size: str | int) -> str:

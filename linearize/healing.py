@@ -136,7 +136,7 @@ def heal(
     windows: torch.Tensor,
     params: list[nn.Parameter],
     *,
-    last: int,
+    last: int | None = None,
     max_steps: int,
     max_seconds: float,
     lr: float = DEFAULT_LR,
@@ -146,7 +146,8 @@ def heal(
     decay: float = 0.0,
     on_step=None,
 ) -> HealingResult:
-    """Adam on `params` only, running positions teacher.start..last of the stack from the
+    """Adam on `params` only, running positions teacher.start..last (default: the last layer)
+    of the stack (or of a plain resident model) from the
     teacher's inputs and minimising the loss against its targets (`default_loss`, or
     `loss_fn(h_student, h_teacher)` for experiments such as bench/heal_sweep.py's KL).
 
@@ -160,6 +161,10 @@ def heal(
         raise ValueError(
             f"decay is the fraction of the budget to decay over, in [0, 1]; got {decay}"
         )
+    from linearize.stack import as_stack
+
+    stack = as_stack(stack)
+    last = len(stack.layers) - 1 if last is None else last
     if any(p.is_meta for p in params):
         raise ValueError(
             "healing parameters are not loaded (still on the meta device): prepare and keep "

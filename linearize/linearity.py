@@ -88,46 +88,6 @@ def summarize_pair(stats: PairStats) -> dict:
 # --- per-token nonlinearity on the validation slice ("feature triggering") -------------------
 
 
-@torch.no_grad()
-def validation_residuals(
-    model, layers, windows: torch.Tensor, maps: list, *, batch_size: int = 4, on_batch=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token squared residual ||y - (x A + b)||^2 of each layer's fitted map on held-out windows.
-
-    Returns (residual, variance): residual (L, n_tokens) float64, and per layer the total
-    ||y - mean(y)||^2 of the same tokens, so residual.sum(1) / variance is the held-out
-    error ratio (1 - held-out R^2).
-    """
-    from linearize.capture import hooked, iterate_batches, layer_io, run_decoder
-
-    n_layers = len(layers)
-    rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-    y_sum = [None] * n_layers
-    y_sq = [0.0] * n_layers
-    device = next(model.parameters()).device
-    weights = [(m.weight.float().to(device), m.bias.float().to(device)) for m in maps]
-
-    def on_layer(index, args, kwargs, output):
-        x, y = layer_io(args, kwargs, output)
-        x = x.reshape(-1, x.shape[-1]).float()
-        y = y.reshape(-1, y.shape[-1]).float()
-        weight, bias = weights[index]
-        rows[index].append((y - (x @ weight + bias)).pow(2).sum(1).double().cpu())
-        s = y.double().sum(0)
-        y_sum[index] = s if y_sum[index] is None else y_sum[index] + s
-        y_sq[index] += float(y.double().pow(2).sum())
-
-    with hooked(dict(enumerate(layers)), on_layer):
-        for _, batch in iterate_batches(windows, batch_size):
-            run_decoder(model, batch)
-            if on_batch is not None:
-                on_batch(len(batch))
-    n = windows.numel()
-    residual = torch.stack([torch.cat(r) for r in rows])
-    variance = torch.tensor([y_sq[i] - float(y_sum[i].pow(2).sum()) / n for i in range(n_layers)])
-    return residual, variance
-
-
 def top_share(residual: torch.Tensor, fraction: float = 0.01) -> float:
     """Share of the total residual carried by the top `fraction` of tokens."""
     k = max(1, int(round(fraction * residual.numel())))

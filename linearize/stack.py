@@ -253,6 +253,13 @@ class LayerStack:
                         on_batch(rows.stop - rows.start)
 
 
+def as_stack(model_or_stack) -> LayerStack:
+    """A resident LayerStack for a plain loaded model; a stack is returned as it is."""
+    if isinstance(model_or_stack, LayerStack):
+        return model_or_stack
+    return LayerStack.of(model_or_stack)
+
+
 def batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))

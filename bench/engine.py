@@ -1,0 +1,51 @@
+"""The engine's stages for experiments on a resident model (benchmarks only).
+
+Benchmarks try variants of one stage on a model they hold and change in place; the pipeline's
+stages take a LayerStack (linearize.stack). `BenchJob` runs the same stage functions on
+`LayerStack.of(model)`, so an experiment measures exactly what `compress` does.
+"""
+
+from __future__ import annotations
+
+from linearize import pipeline
+from linearize.healing import TeacherCache, capture_teacher
+from linearize.job import Job
+from linearize.progress import Progress
+from linearize.stack import LayerStack
+
+
+class BenchJob:
+    def __init__(self, spec):
+        self.job = Job(spec, Progress(None))
+        self.spec = spec
+
+    def load(self, source: str):
+        return self.job.load(source)
+
+    def windows(self, tokenizer, eval_tokens):
+        return self.job.windows(tokenizer, eval_tokens)
+
+    def baseline_and_analysis(self, model, windows, tokenizer):
+        """(baseline, baseline validation, Analysis) of a resident model."""
+        baseline, baseline_val, analysis, _ = pipeline.baseline_and_analysis(
+            self.job, LayerStack.of(model), windows, tokenizer
+        )
+        return baseline, baseline_val, analysis
+
+    def select(self, model, windows, analysis, baseline_val, n_layers):
+        return pipeline.select(
+            self.job, LayerStack.of(model), windows, analysis, baseline_val, n_layers
+        )
+
+    def replace(self, model, windows, indices):
+        """Fit and apply the maps in place; the carriers' parameters."""
+        return pipeline.replace(self.job, LayerStack.of(model), windows, indices)
+
+    def capture_teacher(self, model, windows, indices) -> TeacherCache:
+        """The teacher at the injection point with its final hidden states, as plain tensors."""
+        start = pipeline.injection_point(self.spec, indices)
+        cache = capture_teacher(model, windows.fit, start)
+        return TeacherCache(start, cache.inputs.data, cache.targets.data, cache.kind)
+
+    def close(self) -> None:
+        self.job.close()
