@@ -69,6 +69,11 @@ class LayerStack:
 
     # --- placement -------------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        global _MALLOC_TRIM
+        if self.weights is not None and _MALLOC_TRIM is None:
+            _MALLOC_TRIM = _libc_malloc_trim()
+
     @property
     def streamed(self) -> bool:
         return self.weights is not None
@@ -99,6 +104,7 @@ class LayerStack:
             layer.to("cpu")  # a changed layer is never re-read: it waits in host memory
         else:
             layer.to("meta")
+        return_freed_memory()
 
     def keep(self, module: nn.Module) -> None:
         """Mark a layer the job changed: from now on it lives in memory, not in the shards."""
@@ -298,6 +304,29 @@ class _Catcher(nn.Module):
 
 
 # --- streamed weights ---------------------------------------------------------------------------
+
+
+def return_freed_memory() -> None:
+    """Hand the host allocator's free pages back to the OS (glibc's malloc_trim).
+
+    A released layer's tensors are a few MB each; glibc serves such sizes from its heap once its
+    mmap threshold has grown, and keeps freed heap pages, so without this the resident set grew
+    with every layer a streamed pass read (+160 MB from 8 to 16 layers at d = 1024)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _libc_malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = None
 
 
 def is_kept(module: nn.Module) -> bool:
