@@ -13,8 +13,13 @@ import torch
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=None) -> torch.Tensor:
-    """Summed NLL per window (float64), predicting tokens 2..S of each window."""
+def window_nll(
+    model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=None, on_logits=None
+) -> torch.Tensor:
+    """Summed NLL per window (float64), predicting tokens 2..S of each window.
+
+    `on_logits`, if given, receives each batch's logits of the predicted positions as one
+    (positions, V) chunk, window after window (linearize.agreement consumes them)."""
     device = next(model.parameters()).device
     sums = []
     for start in range(0, len(windows), batch_size):
@@ -24,6 +29,8 @@ def window_nll(model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=No
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         )
         sums.append(nll.view(len(ids), -1).double().sum(1).cpu())
+        if on_logits is not None:
+            on_logits(logits.reshape(-1, logits.shape[-1]))
         if on_batch is not None:
             on_batch(len(ids))
     return torch.cat(sums)
@@ -35,9 +42,9 @@ def perplexity_from_nll(nll_per_window: torch.Tensor, seq_len: int) -> float:
 
 
 def evaluate_perplexity(
-    model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=None
+    model, windows: torch.Tensor, *, batch_size: int = 4, on_batch=None, on_logits=None
 ) -> float:
-    nll = window_nll(model, windows, batch_size=batch_size, on_batch=on_batch)
+    nll = window_nll(model, windows, batch_size=batch_size, on_batch=on_batch, on_logits=on_logits)
     return perplexity_from_nll(nll, windows.shape[1])
 
 

@@ -22,8 +22,6 @@ from pydantic import TypeAdapter
 from api_schemas import JobSpec, ProgressEvent, Report
 from api_schemas.report import (
     DataInfo,
-    Gate,
-    GateRule,
     LayerLinearity,
     ModelInfo,
     Perplexity,
@@ -95,6 +93,7 @@ class _Job:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
+        self.behaviour = None  # compress only: linearize.behaviour.Behaviour
 
     @contextmanager
     def timed(self, name: str):
@@ -137,11 +136,16 @@ class _Job:
                 validation_fraction=self.spec.validation_fraction,
             )
 
-    def perplexity(self, model, windows, name: str, stage: str) -> float:
+    def perplexity(self, model, windows, name: str, stage: str, on_logits=None) -> float:
         from linearize.evaluation import evaluate_perplexity
 
+        hooks_before = self.timings.get("agreement", 0.0)
         with self.timed(name), self.progress.stage(stage, total=len(windows), message=name) as st:
-            return evaluate_perplexity(model, windows, on_batch=st.advance)
+            ppl = evaluate_perplexity(model, windows, on_batch=st.advance, on_logits=on_logits)
+        # The agreement hook's time is booked under "agreement", not under the pass itself.
+        spent = self.timings.get("agreement", 0.0) - hooks_before
+        self.timings[name] = round(self.timings[name] - spent, 3)
+        return ppl
 
     def analysis(self, model, windows, tokenizer):
         from linearize.analysis import analyze
@@ -204,14 +208,19 @@ class _Job:
 
     def compress(self, output_dir: Path, force: bool) -> Report:
         from linearize.architectures import num_layers
+        from linearize.behaviour import Behaviour
 
         spec = self.spec
+        self.behaviour = Behaviour(spec, self.timings)
+        self.behaviour.check()  # unknown tasks fail before the model is even loaded
         loaded = self.load(spec.model)
         model, tokenizer = loaded.model, loaded.tokenizer
         info_before = _model_info(loaded)
         n_layers = num_layers(model)
         _check_budget_early(spec, n_layers)
         windows = self.windows(tokenizer, eval_tokens=spec.eval_tokens)
+        with self.progress.stage("behaviour", total=1, message="original model"):
+            self.behaviour.measure_original(model, tokenizer, windows)
         baseline, baseline_val, analysis = self.baseline_and_analysis(model, windows, tokenizer)
 
         indices, selection = self.select(model, windows, analysis, baseline_val, n_layers)
@@ -277,12 +286,15 @@ class _Job:
 
         key = cache.entry_key(model, windows, self.spec) if self.spec.use_cache else None
         entry = cache.load_entry(key) if key else None
+        reference = self.behaviour.reference_hook() if self.behaviour else None
         if entry is not None:
             self.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
             self.timings["baseline_eval"] = entry["baseline_eval_seconds"]
             analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
+            if reference is not None:  # not cached: one pass of the original on the eval windows
+                self.perplexity(model, windows.eval, "agreement_reference", "baseline", reference)
             return entry["baseline"], entry["baseline_validation"], analysis
-        baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline")
+        baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline", reference)
         baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
         analysis = self.analysis(model, windows, tokenizer)
         if key:
@@ -441,6 +453,7 @@ class _Job:
         the validation slice, measure it on the evaluation windows, then publish atomically."""
         from linearize.checkpoint import load, stage_checkpoint
         from linearize.evaluation import count_parameters, parameter_bytes
+        from linearize.gates import evaluate_gates
         from linearize.report import model_card, report_bundle_files
 
         spec_json = self.spec.model_dump(mode="json")
@@ -454,7 +467,11 @@ class _Job:
                 reloaded = load(staged.path, dtype=param.dtype, device=param.device)
                 val = self.perplexity(reloaded, windows.validation, "reloaded_validation", "verify")
             _check_reload(val, report.perplexity.validation_compressed)
-            ppl = self.perplexity(reloaded, windows.eval, "reloaded_eval", "verify")
+            meter = self.behaviour.meter_hook()
+            ppl = self.perplexity(reloaded, windows.eval, "reloaded_eval", "verify", meter)
+            with self.progress.stage("behaviour", total=1, message="compressed model"):
+                self.behaviour.measure_compressed(reloaded)
+            self.behaviour.fill(report)
             p = report.perplexity
             p.compressed = p.reloaded = ppl
             p.increase_pct = 100 * (ppl / p.baseline - 1)
@@ -467,7 +484,7 @@ class _Job:
             report.model.bytes_after = parameter_bytes(reloaded)
             report.model.extra_params = _extra_params(reloaded)
             report.model.checkpoint_bytes = _dir_bytes(staged.path)
-            report.gate = _gate(self.spec, report)
+            report.gate = evaluate_gates(self.spec, report)
             report.timings = self.timings
             report.output_dir = str(output_dir)
             files = report_bundle_files(report, residuals=residuals)
@@ -492,19 +509,6 @@ def _check_budget_early(spec, n_layers: int) -> None:
         check_layer_budget(spec.layers, n_layers)
     if spec.indices is not None:
         check_indices(spec.indices, n_layers)
-
-
-def _gate(spec, report: Report) -> Gate | None:
-    if spec.gate_ppl_increase is None:
-        return None
-    value = report.perplexity.increase_pct
-    rule = GateRule(
-        name="ppl_increase_pct",
-        limit=spec.gate_ppl_increase,
-        value=value,
-        passed=value <= spec.gate_ppl_increase,
-    )
-    return Gate(passed=rule.passed, rules=[rule])
 
 
 def _layers_of(model):
