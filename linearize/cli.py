@@ -45,6 +45,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from linearize.job_options import add_compress_options
+
     parser = _Parser(prog="linearize", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -54,41 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="replace layers by linear maps, evaluate, save")
     _common(p)
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument(
-        "--layers", type=int, help="number of layers to replace (the best window of adjacent ones)"
-    )
-    budget.add_argument("--indices", help="comma-separated original layer indices, e.g. 12,13,14")
-    budget.add_argument(
-        "--target-ppl-increase",
-        type=float,
-        metavar="P",
-        help="as many layers as keep the validation increase <= P %%",
-    )
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--format", default="standard", choices=["standard", "linear"])
+    add_compress_options(p, budget_required=True)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    p.add_argument(
-        "--heal-steps",
-        type=int,
-        metavar="N",
-        help="healing (distillation) steps cap; default 400, 0 disables healing",
-    )
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="recompute the baseline, the analysis and a GGUF conversion instead of reusing the cache",
-    )
-    p.add_argument(
-        "--heal-seconds", type=float, metavar="S", help="healing time budget; default 60 s"
-    )
-    p.add_argument(
-        "--gate-ppl-increase",
-        type=float,
-        metavar="P",
-        help="exit 1 if the perplexity increase exceeds P %%",
-    )
 
     p = sub.add_parser("eval", help="perplexity of a model or saved checkpoint")
     _common(p)
@@ -129,27 +99,13 @@ def spec_from_args(args: argparse.Namespace):
         return EvalSpec(model=args.model, eval_tokens=args.eval_tokens, **common)
     if args.command == "compare":
         return CompareSpec(models=args.models, **common)
-    indices = None
-    if args.indices is not None:
-        try:
-            indices = [int(i) for i in args.indices.split(",") if i.strip()]
-        except ValueError:
-            raise _usage(
-                f"--indices must be comma-separated integers, got {args.indices!r}"
-            ) from None
-    return CompressSpec(
-        model=args.model,
-        layers=args.layers,
-        indices=indices,
-        target_ppl_increase=args.target_ppl_increase,
-        gate_ppl_increase=args.gate_ppl_increase,
-        eval_tokens=args.eval_tokens,
-        format=args.format,
-        heal_steps=args.heal_steps,
-        heal_seconds=args.heal_seconds,
-        use_cache=not args.no_cache,
-        **common,
-    )
+    from linearize.job_options import compress_fields
+
+    try:
+        fields = compress_fields(args)
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    return CompressSpec(model=args.model, **fields, **common)
 
 
 class _UsageError(Exception):

@@ -36,7 +36,28 @@ def data():
 def task_dir(tmp_path_factory):
     """A local multiple-choice task: which of two words follows a context (JSONL + YAML)."""
     directory = tmp_path_factory.mktemp("tasks")
-    words = "the of and to in is was for on as with by he at from his an were are which".split()
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "for",
+        "on",
+        "as",
+        "with",
+        "by",
+        "he",
+        "at",
+        "from",
+        "his",
+        "an",
+        "were",
+        "are",
+        "which",
+    ]
     rows = [
         {
             "context": " ".join(words[i : i + 4]),

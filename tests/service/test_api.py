@@ -172,6 +172,8 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
         ({"data": {}}, "exactly one of path, dataset_id, builtin"),
         ({"webhook_url": "http://evil.example.net/x"}, "not in LINEARIZE_WEBHOOK_ALLOWED_HOSTS"),
         ({"webhook_url": "ftp://hooks.example.com/x"}, "http(s)"),
+        ({"tasks": ["t"], "task_dir": "/etc"}, "task_dir is not accepted over REST"),
+        ({"tasks": ["a"], "gate_task_retained": {"b": 90}}, "names task 'b'"),
     ],
 )
 def test_bad_submissions_are_422_with_a_reason(api, dataset, overrides, needle):
