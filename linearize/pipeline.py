@@ -353,6 +353,11 @@ class _Job:
                 seed=self.spec.seed,
                 on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
             )
+            stopped_by = (
+                "step cap" if result.steps >= max_steps else f"{max_seconds:g} s time budget"
+            )
+            if result.steps < max_steps:
+                st.stop(f"stopped after {result.steps} of {max_steps} steps: {stopped_by}")
         val_after = self.perplexity(model, windows.validation, "healing_validation", "heal")
         kept = val_after < val_before
         if not kept:
@@ -363,6 +368,7 @@ class _Job:
             "validation_before": val_before,
             "validation_after": val_after,
             "kept": "healed" if kept else "fitted",
+            "stopped_by": stopped_by,
             "loss": "centred-logit MSE at the final hidden state (linearize.healing)",
         }
         return eval_before, info
