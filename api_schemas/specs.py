@@ -157,6 +157,11 @@ class EvalSpec(_JobBase):
 
     kind: Literal["eval"] = "eval"
     eval_tokens: int = Field(16384, ge=1)
+    reference: str | None = Field(
+        None,
+        description="An original model to measure agreement with (KL, top-1, top-5) on the same "
+        "evaluation windows; it runs first and is released before `model` loads.",
+    )
 
 
 class CompareSpec(_JobBase):

@@ -126,5 +126,5 @@ class Behaviour:
                 compressed=self._compressed_tasks[task],
                 retained_pct=retained_pct(self._original_tasks[task], self._compressed_tasks[task]),
             )
-            for task in self.spec.tasks
+            for task in getattr(self.spec, "tasks", [])
         ]

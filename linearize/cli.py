@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model or saved checkpoint")
     _common(p)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="the original model: also report KL, top-1 and top-5 agreement with it",
+    )
 
     p = sub.add_parser("compare", help="the same analysis on several models")
     p.add_argument("--model", action="append", required=True, dest="models")
@@ -96,7 +101,9 @@ def spec_from_args(args: argparse.Namespace):
     if args.command == "analyze":
         return AnalyzeSpec(model=args.model, **common)
     if args.command == "eval":
-        return EvalSpec(model=args.model, eval_tokens=args.eval_tokens, **common)
+        return EvalSpec(
+            model=args.model, eval_tokens=args.eval_tokens, reference=args.reference, **common
+        )
     if args.command == "compare":
         return CompareSpec(models=args.models, **common)
     from linearize.job_options import compress_fields

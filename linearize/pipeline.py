@@ -189,17 +189,45 @@ class _Job:
         return report
 
     def evaluate(self, output_dir: Path | None, force: bool) -> Report:
+        from linearize.behaviour import Behaviour
+
+        behaviour = Behaviour(self.spec, self.timings)
+        if self.spec.reference is not None:
+            self.reference_pass(behaviour)
         loaded = self.load(self.spec.model)
         windows = self.windows(loaded.tokenizer, eval_tokens=self.spec.eval_tokens)
-        ppl = self.perplexity(loaded.model, windows.eval, "eval", "evaluate")
-        return Report(
+        meter = None
+        if self.spec.reference is not None:
+            if windows.eval_sha256 != self._reference_eval_sha256:
+                raise InputError(
+                    f"--reference {self.spec.reference} tokenizes the evaluation text differently "
+                    f"from {self.spec.model}; agreement needs the same tokenizer"
+                )
+            meter = behaviour.meter_hook()
+        ppl = self.perplexity(loaded.model, windows.eval, "eval", "evaluate", meter)
+        report = Report(
             kind="eval",
             model=_model_info(loaded),
             perplexity=Perplexity(baseline=ppl),
             data=_data_info(windows, loaded.model, None),
             timings=self.timings,
             versions=_versions(),
+            notes=self.notes,
         )
+        behaviour.fill(report)
+        return report
+
+    def reference_pass(self, behaviour) -> None:
+        """The reference model's top-k logits on the evaluation windows; the model is released
+        before the evaluated one loads (windows are cut with each model's own tokenizer, so the
+        two must share a tokenizer: the token hashes are compared)."""
+        loaded = self.load(self.spec.reference)
+        windows = self.windows(loaded.tokenizer, eval_tokens=self.spec.eval_tokens)
+        self._reference_eval_sha256 = windows.eval_sha256
+        hook = behaviour.reference_hook()
+        ppl = self.perplexity(loaded.model, windows.eval, "reference_eval", "reference", hook)
+        self.notes.append(f"reference {self.spec.reference}: perplexity {ppl:.4f}")
+        del loaded
 
     def compare(self, output_dir: Path | None, force: bool) -> Report:
         from linearize.compare import compare_models

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from api_schemas import CompressSpec, DataSpec
+from api_schemas import CompressSpec, DataSpec, EvalSpec
 from linearize import pipeline
 from linearize.agreement import AgreementMeter, Reference
 from linearize.data import build_windows, find_wikitext, load_source
@@ -18,6 +18,7 @@ from linearize.errors import InputError
 
 SMALL = dict(calib_tokens=2048, seq_len=128, eval_tokens=1024, heal_steps=0)
 TASK = "linearize_test_next"
+EVAL_WINDOWS = dict(calib_tokens=2048, seq_len=128, eval_tokens=1024)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,23 @@ def test_compress_reports_agreement_generation_and_a_local_task(
     saved = json.loads((out / "report.json").read_text())
     assert saved["tasks"][0]["compressed"]["acc"] == task.compressed["acc"]
     assert saved["agreement"]["kl"] == a.kl
+
+    # `linearize eval --reference` measures the same agreement on the same windows.
+    again = pipeline.run(
+        EvalSpec(model=str(out), reference=str(tiny_llama), data=data, **EVAL_WINDOWS)
+    )
+    assert again.agreement.kl == pytest.approx(a.kl, rel=1e-4)
+    assert again.agreement.top1_agreement == a.top1_agreement
+    assert again.perplexity.baseline == pytest.approx(report.perplexity.compressed, rel=1e-5)
+
+
+def test_eval_of_a_model_against_itself_gives_zero_kl_and_full_agreement(tiny_llama, data):
+    report = pipeline.run(
+        EvalSpec(model=str(tiny_llama), reference=str(tiny_llama), data=data, **EVAL_WINDOWS)
+    )
+    assert report.agreement.kl == 0.0
+    assert report.agreement.top1_agreement == 1.0
+    assert report.agreement.top5_contains_top1 == 1.0
 
 
 def test_gates_on_agreement_and_kl_fail_naming_the_rule_and_still_write(tiny_llama, data, tmp_path):
