@@ -92,15 +92,19 @@ def build_task(text: str, directory: Path, items: int, seed: int = 0) -> int:
     return len(rows)
 
 
-def run_one(k: int, data: Path, task_dir: Path, out: Path, heal_steps: int | None) -> dict:
+def run_one(k: int, args: argparse.Namespace, task_dir: Path) -> dict:
     spec = CompressSpec(
         model="smollm2-135m",
         layers=k,
-        data=DataSpec(path=str(data)),
+        data=DataSpec(path=str(args.data)),
         tasks=[TASK],
         task_dir=str(task_dir),
-        heal_steps=heal_steps,
+        calib_tokens=args.calib_tokens,
+        eval_tokens=args.eval_tokens,
+        heal_steps=args.heal_steps,
+        heal_seconds=args.heal_seconds,
     )
+    out = args.out
     started = time.perf_counter()
     report = pipeline.run(spec, output_dir=out / f"k{k}", force=True)
     wall = time.perf_counter() - started
@@ -122,6 +126,8 @@ def run_one(k: int, data: Path, task_dir: Path, out: Path, heal_steps: int | Non
         "task_acc_stderr": task.compressed["acc_stderr"],
         "task_retained_pct": task.retained_pct,
         "heal_steps": report.selection.get("healing", {}).get("steps"),
+        "healing_kept": report.selection.get("healing", {}).get("kept"),
+        "timings": t,
         "wall_s": wall,
         "tasks_s": t.get("tasks", 0),
         "agreement_s": t.get("agreement", 0) + t.get("agreement_reference", 0),
@@ -135,7 +141,10 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--ks", default="1,2,4,6,8")
     parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--heal-steps", type=int, default=None)
+    parser.add_argument("--heal-seconds", type=float, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-behaviour")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "behaviour.json")
     args = parser.parse_args()
@@ -143,7 +152,7 @@ def main() -> int:
     items = build_task(load_source(DataSpec(path=str(args.data))).text, task_dir, args.items)
     rows = []
     for k in (int(x) for x in args.ks.split(",")):
-        rows.append(run_one(k, args.data, task_dir, args.out, args.heal_steps))
+        rows.append(run_one(k, args, task_dir))
         print(json.dumps(rows[-1]), flush=True)
         result = {
             "machine": machine.describe(),

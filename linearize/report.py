@@ -88,8 +88,11 @@ def summary_lines(report: Report) -> list[str]:
 
 def _task_line(task) -> str:
     o, c = task.original["acc"], task.compressed["acc"]
-    retained = "-" if task.retained_pct is None else f"{task.retained_pct:.1f}%"
-    return f"{task.task} acc {o:.4f} -> {c:.4f} (retained {retained})"
+    return f"{task.task} acc {o:.4f} -> {c:.4f} (retained {_retained(task)})"
+
+
+def _retained(task) -> str:
+    return "-" if task.retained_pct is None else f"{task.retained_pct:.1f}%"
 
 
 def render_behaviour(report: Report) -> list[str]:
@@ -123,7 +126,7 @@ def render_behaviour(report: Report) -> list[str]:
             o, c = t.original, t.compressed
             out.append(
                 f"| {t.task} | {_pm(o, 'acc')} | {_pm(c, 'acc')} | {_pm(o, 'acc_norm')} | "
-                f"{_pm(c, 'acc_norm')} | {_fmt(t.retained_pct, '.1f')}% | {o.get('samples')} |"
+                f"{_pm(c, 'acc_norm')} | {_retained(t)} | {o.get('samples')} |"
             )
         out.append("")
     if g is not None:
