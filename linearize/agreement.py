@@ -91,6 +91,14 @@ class Reference:
             "lse": self._lse[0],
         }
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Reference:
+        """A reference saved with `tensors()` (the cache keeps one per model and windows)."""
+        reference = cls(top_k=tensors["indices"].shape[1])
+        reference._idx, reference._logp = [tensors["indices"]], [tensors["logprobs"]]
+        reference._rest, reference._lse = [tensors["rest"]], [tensors["lse"]]
+        return reference
+
     @property
     def positions(self) -> int:
         return sum(len(t) for t in self._lse)

@@ -70,6 +70,22 @@ class Behaviour:
     def reference_hook(self):
         return self.timed_hook(self.reference.update)
 
+    def cached_reference(self, key: str, model, windows, perplexity) -> None:
+        """The reference from the cache entry `key`, else one pass of the original (saved)."""
+        from linearize import cache
+
+        tensors = cache.load_reference(key, self.reference.top_k)
+        if tensors is not None:
+            self.reference = Reference.from_tensors(tensors)
+            return
+        perplexity(model, windows.eval, "agreement_reference", "baseline", self.reference_hook())
+        self.save_reference(key)
+
+    def save_reference(self, key: str) -> None:
+        from linearize import cache
+
+        cache.save_reference(key, self.reference.top_k, self.reference.tensors())
+
     def meter_hook(self):
         self._meter = AgreementMeter(self.reference)
         return self.timed_hook(self._meter.update)

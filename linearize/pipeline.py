@@ -319,8 +319,8 @@ class _Job:
             self.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
             self.timings["baseline_eval"] = entry["baseline_eval_seconds"]
             analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
-            if reference is not None:  # not cached: one pass of the original on the eval windows
-                self.perplexity(model, windows.eval, "agreement_reference", "baseline", reference)
+            if reference is not None:
+                self.behaviour.cached_reference(key, model, windows, self.perplexity)
             return entry["baseline"], entry["baseline_validation"], analysis
         baseline = self.perplexity(model, windows.eval, "baseline_eval", "baseline", reference)
         baseline_val = self.perplexity(model, windows.validation, "baseline_validation", "baseline")
@@ -334,6 +334,8 @@ class _Job:
                 "reservoir_size": analysis.reservoir_size,
             }
             cache.save_entry(key, entry, analysis.residuals)
+            if reference is not None:
+                self.behaviour.save_reference(key)
         return baseline, baseline_val, analysis
 
     def method_name(self) -> str:

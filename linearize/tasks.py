@@ -93,6 +93,8 @@ def run_tasks(model, tokenizer, tasks: list[str], manager, *, max_length: int) -
             batch_size=BATCH_SIZE,
             max_length=max_length,
             device=device,
+            # Explicit, so the original and the compressed run cannot differ: the tokenizer's own.
+            add_bos_token=bool(getattr(tokenizer, "add_bos_token", False)),
         )
         try:
             output = lm_eval.simple_evaluate(

@@ -208,3 +208,25 @@ def test_a_task_gate_naming_a_task_that_does_not_run_is_refused(data):
         CompressSpec(data=data, layers=2, tasks=["hellaswag"], gate_task_retained={"arc_easy": 90})
     with pytest.raises(ValidationError, match="gate_task_retained needs tasks"):
         CompressSpec(data=data, layers=2, gate_task_retained={"*": 90})
+
+
+def test_the_agreement_reference_is_cached_with_the_baseline(tiny_llama, data, tmp_path):
+    import linearize.cache
+
+    runs = [
+        pipeline.run(
+            spec(tiny_llama, data, layers=2, generation_prompts=0), output_dir=tmp_path / name
+        )
+        for name in ("a", "b")
+    ]
+    assert runs[1].agreement == runs[0].agreement
+    assert "agreement_reference" not in runs[1].timings  # neither a pass nor the baseline's
+    files = list(linearize.cache.cache_dir().glob("*/reference-top64.safetensors"))
+    assert files
+    for file in files:
+        file.unlink()  # a cache entry without its reference: one pass of the original
+    again = pipeline.run(
+        spec(tiny_llama, data, layers=2, generation_prompts=0), output_dir=tmp_path / "c"
+    )
+    assert again.timings["agreement_reference"] > 0
+    assert again.agreement == runs[0].agreement
