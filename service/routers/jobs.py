@@ -71,6 +71,8 @@ def _check_spec(spec: object, tenant: str, state: AppState) -> None:
     if data.dataset_id is not None and state.store.get_dataset(tenant, data.dataset_id) is None:
         raise unprocessable(["data", "dataset_id"], f"unknown dataset {data.dataset_id!r}")
     models = spec.models if isinstance(spec, CompareSpec) else [spec.model]  # type: ignore[attr-defined]
+    if getattr(spec, "reference", None) is not None:  # eval --reference: a model like any other
+        models = [*models, spec.reference]  # type: ignore[attr-defined]
     for name in models:
         try:
             source = resolve_model(name, state.settings)

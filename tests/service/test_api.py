@@ -153,6 +153,14 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
     assert submit(api, tiny_spec(dataset, layers=4)).status_code == 202
 
 
+# An eval job's --reference is a model like any other: the same roots apply.
+EVAL_WITH_REFERENCE = {
+    "kind": "eval",
+    "reference": "/etc",
+    **dict.fromkeys(("layers", "format", "heal_steps"), None),
+}
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
@@ -173,6 +181,7 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
         ({"webhook_url": "http://evil.example.net/x"}, "not in LINEARIZE_WEBHOOK_ALLOWED_HOSTS"),
         ({"webhook_url": "ftp://hooks.example.com/x"}, "http(s)"),
         ({"tasks": ["t"], "task_dir": "/etc"}, "task_dir is not accepted over REST"),
+        (EVAL_WITH_REFERENCE, "outside the configured model"),
         ({"tasks": ["a"], "gate_task_retained": {"b": 90}}, "names task 'b'"),
     ],
 )
