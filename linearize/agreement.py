@@ -12,7 +12,8 @@ compressed model is measured. From each original chunk the `Reference` keeps, pe
 
 - KL(original || compressed) on the reference's top-k support with the remaining mass of each
   side lumped into one bucket: sum_{i in top-k} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest).
-  By the log-sum inequality this is <= the full KL, and equal to it when k = V;
+  By the log-sum inequality this is <= the full KL, and equal to it when k = V. The rest
+  masses are 1 - sum(top-k probabilities), resolved to REST_RESOLUTION (1e-6);
 - top-1 agreement: the compressed argmax is the original argmax;
 - top-5 containment: the original argmax is among the compressed model's 5 most likely tokens.
 
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 import torch
 
 TOP_K = 64  # tokens per position kept from the original; 16k positions cost 8 MB
+# 1 - sum(top-k probabilities) resolves masses down to about this (float32 logits): the
+# original's rest bucket below it counts as empty, the compressed model's is floored at it.
+REST_RESOLUTION = 1e-6
 CONTAIN_K = 5
 
 DEFINITION = (
@@ -47,10 +51,21 @@ class AgreementResult:
     top_k: int
 
 
-def _rest_logprob(logprobs: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-    """log of the probability mass outside `top_idx`, per row (-inf when there is none)."""
-    masked = logprobs.scatter(1, top_idx, float("-inf"))
-    return torch.logsumexp(masked, dim=1)
+def _rest_logprob(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside the top-k, per row, from the top-k alone (float64).
+
+    1 - sum(top-k probabilities) instead of a log-sum-exp over the other V - k logits: two
+    passes over (n, V) fewer. Its absolute error (~1e-7, float32 logits) is far below any KL
+    worth reporting, and identical inputs still give identical results (KL exactly 0)."""
+    mass = top_logprobs.double().exp().sum(1)
+    return torch.log1p(-mass.clamp(max=1.0))
+
+
+def _rest_term(log_p_rest: torch.Tensor, log_q_rest: torch.Tensor) -> torch.Tensor:
+    """p_rest log(p_rest / q_rest) within the resolution of the rest masses."""
+    floor = torch.tensor(REST_RESOLUTION, dtype=torch.float64).log()
+    term = _p_log_ratio(log_p_rest, log_q_rest.double().clamp(min=floor))
+    return torch.where(log_p_rest.double() < floor, torch.zeros_like(term), term)
 
 
 class Reference:
@@ -69,11 +84,11 @@ class Reference:
         logits = logits.float()
         k = min(self.top_k, logits.shape[-1])
         lse = torch.logsumexp(logits, dim=1)  # (n,)
-        logprobs = torch.log_softmax(logits, dim=1)  # (n, V), the same op as the meter's
-        top_logp, top_idx = logprobs.topk(k, dim=1)  # (n, k), sorted: column 0 is the argmax
+        top_logits, top_idx = logits.topk(k, dim=1)  # (n, k), sorted: column 0 is the argmax
+        top_logp = top_logits - lse[:, None]  # the same op as the meter's
         self._idx.append(top_idx.cpu())
         self._logp.append(top_logp.cpu())
-        self._rest.append(_rest_logprob(logprobs, top_idx).cpu())
+        self._rest.append(_rest_logprob(top_logp).cpu())
         self._lse.append(lse.cpu())
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -131,11 +146,13 @@ class AgreementMeter:
             )
         span = slice(self.offset, self.offset + n)
         idx = self.idx[span].to(logits.device)
-        logq = torch.log_softmax(logits.float(), dim=1)  # (n, V)
-        kl = _p_log_ratio(self.logp[span], logq.gather(1, idx).cpu()).sum(1)  # (n,)
-        kl += _p_log_ratio(self.rest[span], _rest_logprob(logq, idx).cpu())
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=1)  # (n,)
+        top_logq = (logits.gather(1, idx) - lse[:, None]).cpu()  # (n, k) on the reference's tokens
+        kl = _p_log_ratio(self.logp[span], top_logq).sum(1)  # (n,)
+        kl += _rest_term(self.rest[span], _rest_logprob(top_logq))
         self.kl_sum += float(kl.sum())
-        top5 = logq.topk(min(CONTAIN_K, logq.shape[1]), dim=1).indices.cpu()  # (n, 5)
+        top5 = logits.topk(min(CONTAIN_K, logits.shape[1]), dim=1).indices.cpu()  # (n, 5)
         original_top1 = self.idx[span, 0]
         self.top1 += int((top5[:, 0] == original_top1).sum())
         self.top5 += int((top5 == original_top1[:, None]).any(1).sum())
