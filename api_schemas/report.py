@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,6 +109,49 @@ class GateRule(_Model):
     limit: float
     value: float
     passed: bool
+    comparison: Literal["<=", ">="] = Field("<=", description="passed when value <cmp> limit")
+
+
+class Agreement(_Model):
+    """How often the compressed model predicts like the original (linearize.agreement)."""
+
+    kl: float = Field(..., description="Mean per-token KL(original || compressed), nats.")
+    top1_agreement: float = Field(..., description="Share of positions with the same argmax.")
+    top5_contains_top1: float = Field(
+        ..., description="Share of positions whose original argmax is in the compressed top-5."
+    )
+    positions: int
+    top_k: int = Field(..., description="Original tokens kept per position for the KL.")
+    definition: str
+
+
+class GenerationPair(_Model):
+    prompt: str
+    original: str
+    compressed: str
+    common_prefix: int
+
+
+class GenerationCheck(_Model):
+    """Greedy continuations of the same prompts by both models (linearize.generation)."""
+
+    exact_match: float = Field(..., description="Share of prompts with identical continuations.")
+    mean_common_prefix: float = Field(..., description="Mean leading tokens in common.")
+    prompts: int
+    new_tokens: int
+    pairs: list[GenerationPair] = Field(default_factory=list)
+    definition: str
+
+
+class TaskResult(_Model):
+    """One lm-evaluation-harness task on the original and the reloaded compressed model."""
+
+    task: str
+    original: dict[str, float | int | None]
+    compressed: dict[str, float | int | None]
+    retained_pct: float | None = Field(
+        None, description="100 * compressed acc / original acc (None if the original scored 0)."
+    )
 
 
 class Gate(_Model):
@@ -144,6 +187,9 @@ class Report(_Model):
     perplexity: Perplexity | None = None
     throughput: Throughput | None = None
     data: DataInfo | None = None
+    agreement: Agreement | None = None
+    generation: GenerationCheck | None = None
+    tasks: list[TaskResult] = Field(default_factory=list)
     gate: Gate | None = None
     execution: Execution | None = None
     timings: dict[str, float] = Field(default_factory=dict)

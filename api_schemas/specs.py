@@ -18,6 +18,7 @@ Streaming = Literal["auto", "on", "off"]
 SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
+ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task
 
 
 class _Frozen(BaseModel):
@@ -116,6 +117,42 @@ class CompressSpec(_JobBase):
     heal_seconds: float | None = Field(
         None, gt=0, description="Healing time budget in seconds (None: the default budget)."
     )
+    gate_kl: float | None = Field(
+        None, ge=0, description="Quality gate: fail if the mean KL(original || compressed) > X."
+    )
+    gate_agreement: float | None = Field(
+        None, ge=0, le=100, description="Quality gate: fail if the top-1 agreement is below P %."
+    )
+    gate_task_retained: dict[str, float] = Field(
+        default_factory=dict,
+        description="Quality gate per lm-eval task: fail if the compressed model keeps less "
+        f"than P % of the original's accuracy; the key {ALL_TASKS!r} means every task.",
+    )
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on both models."
+    )
+    task_dir: str | None = Field(None, description="A directory of local lm-eval task YAMLs.")
+    generation_prompts: int = Field(
+        16, ge=0, le=256, description="Prompts of the generation check; 0 turns it off."
+    )
+
+    @model_validator(mode="after")
+    def _task_gates_name_tasks(self) -> CompressSpec:
+        if len(set(self.tasks)) != len(self.tasks) or any(not t.strip() for t in self.tasks):
+            raise ValueError(f"tasks must be distinct, non-empty names; got {self.tasks}")
+        if self.task_dir is not None and not self.tasks:
+            raise ValueError("task_dir needs tasks naming the tasks to run")
+        for task, limit in self.gate_task_retained.items():
+            if task != ALL_TASKS and task not in self.tasks:
+                raise ValueError(
+                    f"gate_task_retained names task {task!r}, which is not among the tasks that "
+                    f"run ({self.tasks or 'none'})"
+                )
+            if task == ALL_TASKS and not self.tasks:
+                raise ValueError("gate_task_retained needs tasks to run")
+            if not 0 <= limit <= 1000:
+                raise ValueError(f"gate_task_retained {task}: {limit} is not a percentage")
+        return self
 
     @model_validator(mode="after")
     def _exactly_one_budget(self) -> CompressSpec:
@@ -140,6 +177,11 @@ class EvalSpec(_JobBase):
 
     kind: Literal["eval"] = "eval"
     eval_tokens: int = Field(16384, ge=1)
+    reference: str | None = Field(
+        None,
+        description="An original model to measure agreement with (KL, top-1, top-5) on the same "
+        "evaluation windows; it runs first and is released before `model` loads.",
+    )
 
 
 class CompareSpec(_JobBase):

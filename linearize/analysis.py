@@ -140,17 +140,13 @@ def analyze(
 ):
     """(Analysis, {name: perplexity}, {name: seconds}): every layer measured, and the
     perplexity of the validation (and, with_eval, evaluation) windows, in one pass."""
-    from linearize.evaluation import NllMeter
+    from linearize.evaluation import HeadFanout, NllMeter
 
     sets = analysis_windows(windows, with_eval)
     visitor = LayerAnalysis(stack, windows, tokenizer, reservoir_size=reservoir_size, seed=seed)
     measured = {name: ids for name, ids in sets.items() if name != "fit"}
     meter = NllMeter(measured)
-
-    def on_logits(name, window, start, logits):
-        meter(name, window, start, logits)
-        for observer in observers:
-            observer(name, window, start, logits)
+    on_logits = HeadFanout(meter, observers)
 
     streams = stack.open_streams(planner, sets)
     try:
@@ -160,7 +156,7 @@ def analyze(
         for stream in streams.values():
             planner.release(stream.cache)
     ppl = {name: meter.perplexity(name) for name in measured}
-    return visitor.result(), ppl, {name: streams[name].seconds for name in measured}
+    return visitor.result(), ppl, on_logits.seconds(streams)
 
 
 def measure_layers(job, stack, windows, tokenizer, *, with_eval: bool, observers=()):

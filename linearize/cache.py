@@ -126,6 +126,40 @@ def save_entry(key: str, entry: dict, residuals: torch.Tensor) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _reference_file(key: str, top_k: int) -> Path:
+    return cache_dir() / key / f"reference-top{top_k}.safetensors"
+
+
+def load_reference(key: str, top_k: int) -> dict[str, torch.Tensor] | None:
+    """The original's top-k reference on the evaluation windows (linearize.agreement), if kept."""
+    from safetensors.torch import load_file
+
+    path = _reference_file(key, top_k)
+    try:
+        return load_file(path)
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            log.warning("ignoring unreadable agreement reference %s: %s", path, exc)
+        return None
+
+
+def save_reference(key: str, top_k: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Beside the entry it belongs to, written atomically; never fails the job."""
+    from safetensors.torch import save_file
+
+    path = _reference_file(key, top_k)
+    if not path.parent.is_dir():
+        return  # the entry itself could not be written
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+        os.replace(staging, path)
+    except OSError as exc:
+        log.warning("could not write the agreement reference %s: %s", path, exc)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 # --- converted GGUF models ----------------------------------------------------------------------
 
 

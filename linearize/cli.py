@@ -22,6 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    from linearize.job_options import add_memory_options
+
     if model:
         p.add_argument(
             "--model",
@@ -39,32 +41,15 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--memory-budget",
-        default="auto",
-        metavar="SIZE",
-        help="what the job may keep on the device, e.g. 24GB or 12GiB; "
-        "auto (default): what the device has free, minus a margin",
-    )
-    p.add_argument(
-        "--streaming",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="run one decoder layer at a time from the shards; auto (default): when the "
-        "model does not fit the memory budget",
-    )
-    p.add_argument(
-        "--host-budget",
-        metavar="SIZE",
-        help="host memory the activation caches may take before they spill to disk under "
-        "the cache dir (0: always spill); default: no limit",
-    )
+    add_memory_options(p)
     p.add_argument("--report", type=Path, help="write report.json here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from linearize.job_options import add_compress_options
+
     parser = _Parser(prog="linearize", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -74,45 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="replace layers by linear maps, evaluate, save")
     _common(p)
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument(
-        "--layers", type=int, help="number of layers to replace (the best window of adjacent ones)"
-    )
-    budget.add_argument("--indices", help="comma-separated original layer indices, e.g. 12,13,14")
-    budget.add_argument(
-        "--target-ppl-increase",
-        type=float,
-        metavar="P",
-        help="as many layers as keep the validation increase <= P %%",
-    )
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--format", default="standard", choices=["standard", "linear"])
+    add_compress_options(p, budget_required=True)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    p.add_argument(
-        "--heal-steps",
-        type=int,
-        metavar="N",
-        help="healing (distillation) steps cap; default 400, 0 disables healing",
-    )
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="recompute the baseline, the analysis and a GGUF conversion instead of reusing the cache",
-    )
-    p.add_argument(
-        "--heal-seconds", type=float, metavar="S", help="healing time budget; default 60 s"
-    )
-    p.add_argument(
-        "--gate-ppl-increase",
-        type=float,
-        metavar="P",
-        help="exit 1 if the perplexity increase exceeds P %%",
-    )
 
     p = sub.add_parser("eval", help="perplexity of a model or saved checkpoint")
     _common(p)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="the original model: also report KL, top-1 and top-5 agreement with it",
+    )
 
     p = sub.add_parser("compare", help="the same analysis on several models")
     p.add_argument("--model", action="append", required=True, dest="models")
@@ -130,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace):
     from api_schemas import AnalyzeSpec, CompareSpec, CompressSpec, DataSpec, EvalSpec
+    from linearize.job_options import memory_fields
 
     if args.data == "wikitext2":
         data = DataSpec(builtin="wikitext2")
@@ -142,37 +101,23 @@ def spec_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
-        memory_budget=args.memory_budget,
-        streaming=args.streaming,
-        host_budget=args.host_budget,
+        **memory_fields(args),
     )
     if args.command == "analyze":
         return AnalyzeSpec(model=args.model, **common)
     if args.command == "eval":
-        return EvalSpec(model=args.model, eval_tokens=args.eval_tokens, **common)
+        return EvalSpec(
+            model=args.model, eval_tokens=args.eval_tokens, reference=args.reference, **common
+        )
     if args.command == "compare":
         return CompareSpec(models=args.models, **common)
-    indices = None
-    if args.indices is not None:
-        try:
-            indices = [int(i) for i in args.indices.split(",") if i.strip()]
-        except ValueError:
-            raise _usage(
-                f"--indices must be comma-separated integers, got {args.indices!r}"
-            ) from None
-    return CompressSpec(
-        model=args.model,
-        layers=args.layers,
-        indices=indices,
-        target_ppl_increase=args.target_ppl_increase,
-        gate_ppl_increase=args.gate_ppl_increase,
-        eval_tokens=args.eval_tokens,
-        format=args.format,
-        heal_steps=args.heal_steps,
-        heal_seconds=args.heal_seconds,
-        use_cache=not args.no_cache,
-        **common,
-    )
+    from linearize.job_options import compress_fields
+
+    try:
+        fields = compress_fields(args)
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    return CompressSpec(model=args.model, **fields, **common)
 
 
 class _UsageError(Exception):

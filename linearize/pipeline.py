@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
-from api_schemas.report import Gate, GateRule, LayerLinearity, Perplexity, Throughput
+from api_schemas.report import LayerLinearity, Perplexity, Throughput
 from linearize.errors import InputError, OutputExistsError, VerificationError
 from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
 from linearize.job import Job
@@ -110,10 +110,23 @@ def analyze(job: Job, output_dir: Path | None, force: bool) -> Report:
 
 
 def evaluate(job: Job, output_dir: Path | None, force: bool) -> Report:
-    loaded = job.load(job.spec.model, activation_tokens=job.spec.eval_tokens)
-    windows = job.windows(loaded.tokenizer, eval_tokens=job.spec.eval_tokens)
-    ppl, _ = perplexities(job, loaded.stack, {"eval": windows.eval}, "evaluate")
-    return Report(
+    from linearize.behaviour import Behaviour
+
+    spec = job.spec
+    behaviour = Behaviour(spec, job.timings)
+    reference_sha = reference_pass(job, behaviour) if spec.reference is not None else None
+    loaded = job.load(spec.model, activation_tokens=spec.eval_tokens)
+    windows = job.windows(loaded.tokenizer, eval_tokens=spec.eval_tokens)
+    observers = []
+    if reference_sha is not None:
+        if windows.eval_sha256 != reference_sha:
+            raise InputError(
+                f"--reference {spec.reference} tokenizes the evaluation text differently "
+                f"from {spec.model}; agreement needs the same tokenizer"
+            )
+        observers = [eval_positions(behaviour.meter_hook(), windows)]
+    ppl, _ = perplexities(job, loaded.stack, {"eval": windows.eval}, "evaluate", observers)
+    report = Report(
         kind="eval",
         model=model_info(loaded),
         perplexity=Perplexity(baseline=ppl["eval"]),
@@ -121,7 +134,35 @@ def evaluate(job: Job, output_dir: Path | None, force: bool) -> Report:
         execution=execution_info(job, loaded.stack),
         timings=job.timings,
         versions=versions(),
+        notes=job.notes,
     )
+    behaviour.fill(report)
+    return report
+
+
+def reference_pass(job: Job, behaviour) -> str:
+    """The reference model's top-k logits on the evaluation windows (linearize.agreement); it
+    is released before the evaluated model loads. Returns the windows' token hash: the two
+    models must cut the same windows (the same tokenizer)."""
+    spec = job.spec
+    loaded = job.load(spec.reference, activation_tokens=spec.eval_tokens)
+    windows = job.windows(loaded.tokenizer, eval_tokens=spec.eval_tokens)
+    hook = eval_positions(behaviour.reference_hook(), windows)
+    ppl, _ = perplexities(job, loaded.stack, {"eval": windows.eval}, "reference", [hook])
+    job.notes.append(f"reference {spec.reference}: perplexity {ppl['eval']:.4f}")
+    return windows.eval_sha256
+
+
+def eval_positions(hook, windows):
+    """A head observer that hands `hook` the evaluation windows' predicting positions only
+    (tokens 1..S-1 of each window, in order): the chunks linearize.agreement expects."""
+    last = windows.seq_len - 1  # the last position of a window predicts nothing
+
+    def observe(name, window, start, logits):
+        if name == "eval" and start < last:
+            hook(logits[: last - start])
+
+    return observe
 
 
 def compare(job: Job, output_dir: Path | None, force: bool) -> Report:
@@ -132,16 +173,23 @@ def compare(job: Job, output_dir: Path | None, force: bool) -> Report:
 
 def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.architectures import num_layers
+    from linearize.behaviour import Behaviour
 
     spec = job.spec
+    behaviour = Behaviour(spec, job.timings)
+    behaviour.check()  # unknown tasks fail before the model is even loaded
     loaded = job.load(spec.model, activation_tokens=spec.calib_tokens + spec.eval_tokens)
     stack, tokenizer = loaded.stack, loaded.tokenizer
     info_before = model_info(loaded)
     n_layers = num_layers(stack.model)
     _check_budget_early(spec, n_layers)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens)
+    whole = whole_model_measures(job, stack)
+    if whole:
+        with job.progress.stage("behaviour", total=1, message="original model"):
+            behaviour.measure_original(stack.model, tokenizer, windows)
     baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
-        job, stack, windows, tokenizer
+        job, stack, windows, tokenizer, behaviour
     )
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
     job.progress.note("select", f"replacing layers {indices}")
@@ -191,8 +239,27 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         notes=job.notes,
     )
     return save_and_verify(
-        job, loaded, windows, report, output_dir, force, residuals=analysis.residuals
+        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole
     )
+
+
+def whole_model_measures(job: Job, stack) -> bool:
+    """Generation and lm-eval tasks need the whole model resident; a streamed run refuses
+    tasks (asked for explicitly) and skips the generation check, saying so."""
+    spec = job.spec
+    if not stack.streamed:
+        return True
+    if spec.tasks:
+        raise InputError(
+            "--tasks runs lm-eval on the whole model, which does not fit the memory budget "
+            "(the job streams one layer at a time); evaluate the checkpoint on a larger device"
+        )
+    if spec.generation_prompts:
+        job.notes.append(
+            "generation check skipped: it decodes with the whole model, and this job streams "
+            "one decoder layer at a time"
+        )
+    return False
 
 
 # --- compress stages -------------------------------------------------------------------------
@@ -209,17 +276,28 @@ def perplexities(job: Job, stack, windows: dict, stage: str, observers=()):
         )
 
 
-def baseline_and_analysis(job: Job, stack, windows, tokenizer):
-    """Baseline perplexities and the analysis in one pass, or from the cache when the same
-    model, windows and settings were seen before (linearize.cache)."""
+def baseline_and_analysis(job: Job, stack, windows, tokenizer, behaviour=None):
+    """Baseline perplexities and the analysis in one pass (with the agreement reference from
+    the same head chunks), or from the cache when the same model, windows and settings were
+    seen before (linearize.cache)."""
     from linearize import cache
     from linearize.analysis import Analysis, measure_layers
 
     spec = job.spec
     key = cache.entry_key(stack, windows, spec) if spec.use_cache else None
     entry = cache.load_entry(key) if key else None
+    observers = []
+    if behaviour is not None:
+        observers = [eval_positions(behaviour.reference_hook(), windows)]
     if entry is not None:
         job.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
+        if behaviour is not None:
+
+            def reference(_model, eval_windows, _name, stage, hook):
+                observer = eval_positions(hook, windows)
+                perplexities(job, stack, {"eval": eval_windows}, stage, [observer])
+
+            behaviour.cached_reference(key, stack.model, windows, reference)
         analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
         return (
             entry["baseline"],
@@ -227,7 +305,9 @@ def baseline_and_analysis(job: Job, stack, windows, tokenizer):
             analysis,
             entry["baseline_eval_seconds"],
         )
-    analysis, ppl, seconds = measure_layers(job, stack, windows, tokenizer, with_eval=True)
+    analysis, ppl, seconds = measure_layers(
+        job, stack, windows, tokenizer, with_eval=True, observers=observers
+    )
     if key:
         entry = {
             "baseline": ppl["eval"],
@@ -237,6 +317,8 @@ def baseline_and_analysis(job: Job, stack, windows, tokenizer):
             "reservoir_size": analysis.reservoir_size,
         }
         cache.save_entry(key, entry, analysis.residuals)
+        if behaviour is not None:
+            behaviour.save_reference(key)
     return ppl["eval"], ppl["validation"], analysis, seconds["eval"]
 
 
@@ -415,7 +497,6 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
     ppl, _ = perplexities(job, stack, sets, "heal")
     val_before, eval_before = ppl["validation"], ppl["eval"]
     saved = snapshot(params)
-    stop = {"reason": "step budget"}
     with job.timed("heal"), job.progress.stage("heal", total=max_steps) as st:
         result = distil(
             stack,
@@ -428,10 +509,9 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
             seed=job.spec.seed,
             on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
         )
+        stopped_by = "step cap" if result.steps >= max_steps else f"{max_seconds:g} s time budget"
         if result.steps < max_steps:
-            stop["reason"] = f"time budget ({max_seconds:g} s)"
-            st.total = result.steps
-            st.advance(0, f"stopped after {result.steps} steps: {stop['reason']}")
+            st.stop(f"stopped after {result.steps} of {max_steps} steps: {stopped_by}")
     for cache in (teacher.inputs, teacher.targets):
         job.planner(stack).release(cache)
     ppl, _ = perplexities(job, stack, {"validation": windows.validation}, "heal")
@@ -442,7 +522,7 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         job.notes.append("healing did not improve the validation slice; kept the fitted maps")
     info = {
         **result.as_dict(),
-        "stopped_by": stop["reason"],
+        "stopped_by": stopped_by,
         "validation_before": val_before,
         "validation_after": val_after,
         "kept": "healed" if kept else "fitted",
@@ -473,12 +553,22 @@ def healed_layers_that_fit(job: Job, stack) -> int:
 
 
 def save_and_verify(
-    job: Job, loaded, windows, report: Report, output_dir: Path, force: bool, residuals
+    job: Job,
+    loaded,
+    windows,
+    report: Report,
+    output_dir: Path,
+    force: bool,
+    residuals,
+    behaviour,
+    whole: bool,
 ) -> Report:
     """Stage the checkpoint, reload it from disk, check it reproduces the in-memory model on
-    the validation slice, measure it on the evaluation windows, then publish atomically."""
+    the validation slice, measure it on the evaluation windows (perplexity and agreement with
+    the original), then publish atomically."""
     from linearize.checkpoint import stage_checkpoint
     from linearize.evaluation import count_parameters, parameter_bytes
+    from linearize.gates import evaluate_gates
     from linearize.report import model_card, report_bundle_files
 
     stack = loaded.stack
@@ -496,8 +586,13 @@ def save_and_verify(
         with job.timed("verify"):
             reloaded = job.load(str(staged.path)).stack
         sets = {"validation": windows.validation, "eval": windows.eval}
-        ppl, seconds = perplexities(job, reloaded, sets, "verify")
+        meter = eval_positions(behaviour.meter_hook(), windows)
+        ppl, seconds = perplexities(job, reloaded, sets, "verify", [meter])
         _check_reload(ppl["validation"], report.perplexity.validation_compressed)
+        if whole:
+            with job.progress.stage("behaviour", total=1, message="compressed model"):
+                behaviour.measure_compressed(reloaded.model)
+        behaviour.fill(report)
         p = report.perplexity
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
@@ -509,7 +604,7 @@ def save_and_verify(
         report.model.bytes_after = parameter_bytes(model)
         report.model.extra_params = _extra_params(model)
         report.model.checkpoint_bytes = _dir_bytes(staged.path)
-        report.gate = _gate(job.spec, report)
+        report.gate = evaluate_gates(job.spec, report)
         report.execution = execution_info(job, stack)
         report.timings = job.timings
         report.output_dir = str(output_dir)
@@ -543,19 +638,6 @@ def _check_budget_early(spec, n_layers: int) -> None:
         check_layer_budget(spec.layers, n_layers)
     if spec.indices is not None:
         check_indices(spec.indices, n_layers)
-
-
-def _gate(spec, report: Report) -> Gate | None:
-    if spec.gate_ppl_increase is None:
-        return None
-    value = report.perplexity.increase_pct
-    rule = GateRule(
-        name="ppl_increase_pct",
-        limit=spec.gate_ppl_increase,
-        value=value,
-        passed=value <= spec.gate_ppl_increase,
-    )
-    return Gate(passed=rule.passed, rules=[rule])
 
 
 def _extra_params(model) -> int:

@@ -21,6 +21,7 @@ class Stage:
     def __init__(self, sink: ProgressSink | None, name: str, total: int, message: str = ""):
         self.sink, self.name, self.total, self.message = sink, name, total, message
         self.current = 0
+        self.stopped = False
         self._last_emit = 0.0
 
     def advance(self, steps: int = 1, message: str | None = None) -> None:
@@ -31,6 +32,12 @@ class Stage:
         if self.current >= self.total or now - self._last_emit > 0.1:
             self._last_emit = now
             self.emit()
+
+    def stop(self, message: str) -> None:
+        """The stage ended before its total (a time budget): the bar keeps the count done."""
+        self.stopped = True
+        self.message = message
+        self.emit()
 
     def emit(self) -> None:
         if self.sink is not None:
@@ -50,7 +57,7 @@ class Progress:
         stage = Stage(self.sink, name, total, message)
         stage.emit()
         yield stage
-        if stage.current < stage.total:
+        if stage.current < stage.total and not stage.stopped:
             stage.current = stage.total
         stage.emit()
 

@@ -26,6 +26,8 @@ EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3
 
 
 def add_submit_arguments(p: argparse.ArgumentParser) -> None:
+    from linearize.job_options import add_compress_options, add_memory_options
+
     p.add_argument(
         "--remote",
         default=os.environ.get("LINEARIZE_REMOTE"),
@@ -42,22 +44,10 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="local text file to upload, or 'wikitext2'")
     source.add_argument("--dataset-id", help="a dataset already uploaded")
     p.add_argument("--text-field", default=None)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--layers", type=int, help="number of layers to replace (the best window of adjacent ones)"
-    )
-    budget.add_argument("--indices", help="comma-separated original layer indices")
-    budget.add_argument("--target-ppl-increase", type=float, metavar="P")
-    p.add_argument(
-        "--gate-ppl-increase",
-        type=float,
-        metavar="P",
-        help="exit 1 if the perplexity increase exceeds P %%",
-    )
+    add_compress_options(p, budget_required=False)
+    add_memory_options(p)
     p.add_argument("--calib-tokens", type=int)
-    p.add_argument("--eval-tokens", type=int)
     p.add_argument("--seq-len", type=int)
-    p.add_argument("--format", choices=["standard", "linear"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int)
@@ -85,26 +75,22 @@ def _build_spec(args: argparse.Namespace, data: dict[str, Any]):
     from pydantic import TypeAdapter
 
     from api_schemas import JobSpec
+    from linearize.job_options import compress_fields, given_compress_options, memory_fields
 
     body: dict[str, Any] = {"kind": args.kind, "data": data}
     for name in ("model", "calib_tokens", "seq_len", "dtype", "device", "seed", "webhook_url"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
+    body.update(memory_fields(args))
     if args.metadata:
         pairs = [m.partition("=") for m in args.metadata]
         if any(not sep or not key for key, sep, _ in pairs):
             raise ValueError("--metadata wants KEY=VALUE")
         body["metadata"] = {key: value for key, _, value in pairs}
     if args.kind == "compress":
-        for name in ("layers", "target_ppl_increase", "gate_ppl_increase", "eval_tokens", "format"):
-            if getattr(args, name) is not None:
-                body[name] = getattr(args, name)
-        if args.indices is not None:
-            body["indices"] = [int(i) for i in args.indices.split(",") if i.strip()]
-    elif any(getattr(args, n) is not None for n in ("layers", "indices", "target_ppl_increase")):
-        raise ValueError(
-            "a budget (--layers/--indices/--target-ppl-increase) needs --kind compress"
-        )
+        body.update(compress_fields(args))
+    elif given_compress_options(args):
+        raise ValueError(f"{', '.join(given_compress_options(args))} need --kind compress")
     return TypeAdapter(JobSpec).validate_python(body)
 
 
@@ -311,13 +297,40 @@ def summary_markdown(job, report: dict[str, Any] | None) -> str:
                 f"| size | {_fmt_bytes(model.get('bytes_before'))} → "
                 f"{_fmt_bytes(model.get('bytes_after'))} |"
             )
+        lines += _behaviour_rows(report)
         for rule in (gate or {}).get("rules", []):
             verdict = "passed" if rule.get("passed") else "**failed**"
             lines.append(
-                f"| gate `{rule.get('name')}` | {rule.get('value'):.3f} vs limit "
-                f"{rule.get('limit')}: {verdict} |"
+                f"| gate `{rule.get('name')}` | {rule.get('value'):.4g} "
+                f"{rule.get('comparison', '<=')} {rule.get('limit')}: {verdict} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _behaviour_rows(report: dict[str, Any]) -> list[str]:
+    rows = []
+    agreement = report.get("agreement")
+    if agreement:
+        rows.append(
+            f"| agreement | KL {agreement['kl']:.4f} nats/token, top-1 "
+            f"{100 * agreement['top1_agreement']:.1f} %, top-5 "
+            f"{100 * agreement['top5_contains_top1']:.1f} % |"
+        )
+    generation = report.get("generation")
+    if generation:
+        rows.append(
+            f"| generation | exact match {100 * generation['exact_match']:.0f} % of "
+            f"{generation['prompts']}, common prefix {generation['mean_common_prefix']:.1f}/"
+            f"{generation['new_tokens']} tokens |"
+        )
+    for task in report.get("tasks") or []:
+        retained = task.get("retained_pct")
+        rows.append(
+            f"| task `{task['task']}` | acc {task['original']['acc']:.4f} → "
+            f"{task['compressed']['acc']:.4f} (retained "
+            f"{'-' if retained is None else f'{retained:.1f} %'}) |"
+        )
+    return rows
 
 
 # serve -----------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ def summary_lines(report: Report) -> list[str]:
                 f"perplexity {p.baseline:.3f} -> {p.compressed:.3f} "
                 f"({p.increase_pct:+.1f}%; the checkpoint, reloaded from disk)"
             )
+    a = report.agreement
+    if a is not None:
+        lines.append(
+            f"agreement  KL {a.kl:.4f} nats/token, top-1 {100 * a.top1_agreement:.1f}%, "
+            f"original top-1 in top-5 {100 * a.top5_contains_top1:.1f}%"
+        )
+    g = report.generation
+    if g is not None:
+        lines.append(
+            f"generation exact match {100 * g.exact_match:.0f}% of {g.prompts} greedy "
+            f"continuations, common prefix {g.mean_common_prefix:.1f}/{g.new_tokens} tokens"
+        )
+    for task in report.tasks:
+        lines.append(f"task       {_task_line(task)}")
     t = report.throughput
     if t is not None and t.tokens_per_s_after:
         lines.append(
@@ -74,9 +88,91 @@ def summary_lines(report: Report) -> list[str]:
             "gate       "
             + ("PASSED" if report.gate.passed else "FAILED")
             + "  "
-            + ", ".join(f"{r.name} {r.value:.2f} <= {r.limit}" for r in report.gate.rules)
+            + ", ".join(
+                f"{r.name} {r.value:.4g} {r.comparison} {r.limit}"
+                + ("" if r.passed else " (failed)")
+                for r in report.gate.rules
+            )
         )
     return lines
+
+
+def _task_line(task) -> str:
+    o, c = task.original["acc"], task.compressed["acc"]
+    return f"{task.task} acc {o:.4f} -> {c:.4f} (retained {_retained(task)})"
+
+
+def _retained(task) -> str:
+    return "-" if task.retained_pct is None else f"{task.retained_pct:.1f}%"
+
+
+def render_behaviour(report: Report) -> list[str]:
+    """The "How it behaves" section: agreement, task table, generation pairs."""
+    a, g = report.agreement, report.generation
+    if a is None and g is None and not report.tasks:
+        return []
+    out = ["## How it behaves", ""]
+    if a is not None:
+        out += [
+            f"Agreement with the original on {a.positions} evaluation positions "
+            f"(top-k = {a.top_k}). Definition: {a.definition}",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| mean KL(original ‖ compressed), nats/token | {a.kl:.4f} |",
+            f"| top-1 agreement | {100 * a.top1_agreement:.2f}% |",
+            f"| original top-1 in compressed top-5 | {100 * a.top5_contains_top1:.2f}% |",
+            "",
+        ]
+    if report.tasks:
+        out += [
+            "Downstream tasks (lm-evaluation-harness, zero-shot; retained = compressed acc / "
+            "original acc):",
+            "",
+            "| task | acc original | acc compressed | acc_norm original | acc_norm compressed "
+            "| retained | samples |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in report.tasks:
+            o, c = t.original, t.compressed
+            out.append(
+                f"| {t.task} | {_pm(o, 'acc')} | {_pm(c, 'acc')} | {_pm(o, 'acc_norm')} | "
+                f"{_pm(c, 'acc_norm')} | {_retained(t)} | {o.get('samples')} |"
+            )
+        out.append("")
+    if g is not None:
+        out += [
+            f"Generation: exact match {100 * g.exact_match:.1f}% of {g.prompts} prompts, mean "
+            f"common prefix {g.mean_common_prefix:.1f} of {g.new_tokens} tokens. "
+            f"Definition: {g.definition}",
+            "",
+        ]
+        for i, pair in enumerate(g.pairs, 1):
+            out += [
+                f"**Prompt {i}** (common prefix {pair.common_prefix} tokens):",
+                "",
+                "```text",
+                pair.prompt,
+                "```",
+                "",
+                "| original | compressed |",
+                "|---|---|",
+                f"| {_cell(pair.original)} | {_cell(pair.compressed)} |",
+                "",
+            ]
+    return out
+
+
+def _pm(metrics: dict, name: str) -> str:
+    value, stderr = metrics.get(name), metrics.get(f"{name}_stderr")
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
+def _cell(text: str) -> str:
+    """One Markdown table cell: pipes escaped, newlines as <br>."""
+    return "<br>".join(text.replace("|", "\\|").splitlines())
 
 
 def render_markdown(report: Report, plots: list[str] = ()) -> str:
@@ -141,6 +237,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
                 )
                 out.append(f"- layer {row.index}: {tokens}")
         out.append("")
+    out += render_behaviour(report)
     for name in plots:
         out += [f"![{name}]({name})", ""]
     if report.execution is not None:

@@ -36,6 +36,11 @@ def test_bundled_model_report_numbers_are_sane(report_and_dir):
     assert 15 < ppl.baseline < 60  # SmolLM2-135M on wikitext: ~26 at 8k tokens
     scores = [row.score for row in report.linearity]
     assert len(scores) == 30 and max(scores[10:25]) > 0.99
+    # Two of 30 layers replaced: the model still mostly predicts like the original.
+    a = report.agreement
+    assert a.positions == 4 * 511 and 0 < a.kl < 2
+    assert 0.3 < a.top1_agreement <= a.top5_contains_top1 <= 1
+    assert report.generation.prompts == 16 and len(report.generation.pairs) == 3
 
 
 def test_bundled_checkpoint_loads_with_plain_transformers(report_and_dir):

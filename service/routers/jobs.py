@@ -65,9 +65,17 @@ def _check_spec(spec: object, tenant: str, state: AppState) -> None:
             "data.path is not accepted over REST (it would read the server's disk); "
             "upload the text with POST /v1/datasets and pass data.dataset_id",
         )
+    if getattr(spec, "task_dir", None) is not None:
+        raise unprocessable(
+            "task_dir",
+            "task_dir is not accepted over REST (it would read the server's disk, and lm-eval "
+            "task YAMLs can run code); use lm-eval's built-in tasks",
+        )
     if data.dataset_id is not None and state.store.get_dataset(tenant, data.dataset_id) is None:
         raise unprocessable(["data", "dataset_id"], f"unknown dataset {data.dataset_id!r}")
     models = spec.models if isinstance(spec, CompareSpec) else [spec.model]  # type: ignore[attr-defined]
+    if getattr(spec, "reference", None) is not None:  # eval --reference: a model like any other
+        models = [*models, spec.reference]  # type: ignore[attr-defined]
     for name in models:
         try:
             source = resolve_model(name, state.settings)

@@ -164,6 +164,14 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
     assert submit(api, tiny_spec(dataset, layers=4)).status_code == 202
 
 
+# An eval job's --reference is a model like any other: the same roots apply.
+EVAL_WITH_REFERENCE = {
+    "kind": "eval",
+    "reference": "/etc",
+    **dict.fromkeys(("layers", "format", "heal_steps"), None),
+}
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
@@ -186,6 +194,9 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
         ({"memory_budget": "lots"}, "memory_budget"),
         ({"streaming": "sometimes"}, "streaming"),
         ({"host_budget": "-1GB"}, "host_budget"),
+        ({"tasks": ["t"], "task_dir": "/etc"}, "task_dir is not accepted over REST"),
+        (EVAL_WITH_REFERENCE, "outside the configured model"),
+        ({"tasks": ["a"], "gate_task_retained": {"b": 90}}, "names task 'b'"),
     ],
 )
 def test_bad_submissions_are_422_with_a_reason(api, dataset, overrides, needle):

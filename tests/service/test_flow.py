@@ -118,6 +118,12 @@ def test_linearize_submit_wait_downloads_verifies_and_summarises(shared_stack, t
         "256",
         "--seq-len",
         "64",
+        "--heal-steps",
+        "5",
+        "--gate-kl",
+        "100",
+        "--gate-agreement",
+        "0",
         "--wait",
         "--output",
         str(tmp_path / "out"),
@@ -134,6 +140,11 @@ def test_linearize_submit_wait_downloads_verifies_and_summarises(shared_stack, t
     assert report["model"]["layers_after"] == TINY_LAYERS - 2
     text = summary.read_text()
     assert "succeeded" in text and f"{TINY_LAYERS} → {TINY_LAYERS - 2}" in text
+    # The job options of `compress` reach the service: healing cap, gates, agreement.
+    assert report["selection"]["healing"]["steps"] <= 5
+    assert [r["name"] for r in report["gate"]["rules"]] == ["kl", "top1_agreement_pct"]
+    assert "| gate `top1_agreement_pct` |" in text and ">= 0.0: passed" in text
+    assert "| agreement | KL" in text and "| generation | exact match" in text
 
 
 def test_linearize_submit_exit_codes_for_bad_input(shared_stack, text_file, tmp_path):
