@@ -265,12 +265,14 @@ def whole_model_measures(job: Job, stack) -> bool:
 # --- compress stages -------------------------------------------------------------------------
 
 
-def perplexities(job: Job, stack, windows: dict, stage: str, observers=()):
-    """({name: perplexity}, {name: seconds}) of window sets, in one layer-by-layer pass."""
+def perplexities(job: Job, stack, windows: dict, stage: str, observers=(), timing=None):
+    """({name: perplexity}, {name: seconds}) of window sets, in one layer-by-layer pass;
+    its time is booked under `timing` (default: stage_sets)."""
     from linearize.evaluation import measure_perplexities
 
     name = "+".join(windows)
-    with job.timed(f"{stage}_{name}"), job.pass_stage(stage, stack, windows, name) as st:
+    timing = timing or f"{stage}_{name}"
+    with job.timed(timing), job.pass_stage(stage, stack, windows, name) as st:
         return measure_perplexities(
             stack, job.planner(stack), windows, stage=st, observers=observers
         )
@@ -293,9 +295,9 @@ def baseline_and_analysis(job: Job, stack, windows, tokenizer, behaviour=None):
         job.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
         if behaviour is not None:
 
-            def reference(_model, eval_windows, _name, stage, hook):
+            def reference(_model, eval_windows, timing, stage, hook):
                 observer = eval_positions(hook, windows)
-                perplexities(job, stack, {"eval": eval_windows}, stage, [observer])
+                perplexities(job, stack, {"eval": eval_windows}, stage, [observer], timing)
 
             behaviour.cached_reference(key, stack.model, windows, reference)
         analysis = Analysis(entry["layers"], entry["residuals"], entry["reservoir_size"])
