@@ -43,6 +43,7 @@ def main() -> None:
     )
     parser.add_argument("--budgets", default="2,4,8")
     parser.add_argument("--steps", default="0,25,50,100,200,400")
+    parser.add_argument("--variants", default="fold,removal")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     healbench.add_text_arguments(parser, ood_tokens=2048)
@@ -81,7 +82,7 @@ def main() -> None:
     for k in (int(b) for b in args.budgets.split(",")):
         job = make_job(args, k)
         indices, _ = job.select(model, windows, analysis, baseline_val, n_layers)
-        for variant in ("fold", "removal"):
+        for variant in args.variants.split(","):
             trial = copy.deepcopy(model)
             if variant == "fold":
                 carriers = job.replace(trial, windows, indices)

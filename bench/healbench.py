@@ -306,4 +306,4 @@ def streamline(model, fit, k: int, steps: int, *, lr: float = healing.DEFAULT_LR
         for p in frozen:
             p.requires_grad_(True)
         trial.eval()
-    return trial, list(range(start, start + k + 1)), float(loss)
+    return trial, list(range(start, start + k + 1)), loss.item()

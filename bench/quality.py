@@ -256,10 +256,10 @@ def main() -> None:
     )
     parser.add_argument("--budgets", default="1,2,4,6,8")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--heal-steps", type=int, default=100)
-    parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
-    healbench.add_text_arguments(parser, ood_tokens=2048)
+    parser.add_argument("--heal-steps", type=int, default=50)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    healbench.add_text_arguments(parser, ood_tokens=1024)
     parser.add_argument("--sealed", action="store_true", help="also the sealed text (see above)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sleb-windows", type=int, default=1)
@@ -272,7 +272,7 @@ def main() -> None:
 
     race = Race(args)
     print(f"baseline {race.baseline}; healing budget {args.heal_steps} steps", flush=True)
-    states = last_token_states(race.model, race.windows.fit)
+    states = last_token_states(race.model, race.windows.fit) if "replaceme" in methods else None
     sleb, sleb_cut = [], False
     if "sleb" in methods:
         deadline = time.perf_counter() + 60 * args.sleb_minutes
