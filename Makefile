@@ -52,6 +52,9 @@ bench: setup
 bench-quality: setup
 	$(PY) bench/quality.py --data $(DATA)
 
+bench-scale: setup
+	$(PY) bench/scale.py --data $(DATA)
+
 bench-service: setup
 	$(PY) bench/load.py
 

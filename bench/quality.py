@@ -1,7 +1,13 @@
-"""Side-by-side quality benchmark: every published way of dropping or linearizing layers, and ours.
+"""Side-by-side quality benchmark: published ways of dropping or linearizing layers, and ours,
+each without and with the same healing.
 
 One run, one model (the bundled SmolLM2-135M), the same calibration and evaluation windows, the
-budgets k = 1, 2, 4, 6, 8. Methods:
+budgets k = 1, 2, 4, 6, 8 (L - k layers remain in every row). Training-free methods, each
+measured as it is and again after `--heal-steps` steps of the engine's healing recipe
+(`linearize.healing`: the maps' carriers, or for a removal the `down_proj` a fold would have
+changed, plus the 4 decoder layers from the cut; Adam 3e-4; the centred-logit MSE against the
+original model's final hidden states; one window per step; the budget counted in steps, not
+seconds, so rows agree across hosts):
 
   shortgpt      remove the k layers with the lowest block influence 1 - cos(input, output)
   sleb          greedy removal: each step removes the block whose removal raises the calibration
@@ -10,16 +16,26 @@ budgets k = 1, 2, 4, 6, 8. Methods:
                 map (least squares, the paper's replacement; --format linear)
   replaceme     the k-block span with the smallest mean last-token angular distance
                 arccos(cos(h_l, h_{l+k}))/pi, removed, its lstsq map T folded into down_proj
-  ours          `linearize compress --layers k` with no other flags (the default), judged after
-                reloading the checkpoint from disk
+  ours          the default's window (`linearize compress --layers k`), its lstsq map folded
+                (row "fitted"), then healed (row "+ heal"): the engine's stages driven in-process
 
-Each checkpoint is evaluated on the evaluation windows (wikitext, second half) and on an
-out-of-domain text: the Debian licence texts in /usr/share/common-licenses (real, non-wiki
-English prose that every Debian machine has without network access).
+Two methods that train by design, for the same number of steps:
+
+  lu            Lu et al. 2024 ("Reassessing Layer Pruning"): remove the k layers before the
+                final one (reverse order), train lm_head (untied) and the last three layers
+  streamline    Chen et al. 2024 (LLM-Streamline): the k + 1 adjacent layers whose input and
+                output are most alike become one decoder layer of the model's shape (initialised
+                from the span's first layer), trained on the span's input -> output (MSE)
+
+Each model is measured on the wikitext evaluation windows and on two out-of-domain texts of
+different kinds, reported separately: the Debian licence texts (legal prose) and Python
+standard-library source (code, docstrings and comments). `--sealed` adds a third (git's release
+notes: technical documentation), looked at once per change and never tuned on.
 
     python bench/quality.py --data ../shared/data/wikitext-2-raw/wiki.test.raw
 
-Prints a table, writes bench/results/quality.json and bench/results/quality.png.
+Prints one table per text, writes bench/results/quality.json (after every k, so a cut-short run
+keeps what ran) and bench/results/quality.png.
 """
 
 from __future__ import annotations
@@ -29,7 +45,6 @@ import copy
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,31 +53,21 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import healbench  # noqa: E402  (bench/healbench.py, beside this script)
 import machine  # noqa: E402  (bench/machine.py, beside this script)
 
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
-from linearize import pipeline  # noqa: E402
-from linearize.analysis import analyze  # noqa: E402
-from linearize.architectures import decoder_layers  # noqa: E402
+from linearize import healing  # noqa: E402
+from linearize.architectures import decoder_layers, get_architecture  # noqa: E402
 from linearize.capture import hooked, iterate_batches, layer_io, run_decoder  # noqa: E402
-from linearize.checkpoint import load as load_checkpoint  # noqa: E402
-from linearize.data import build_windows, read_text  # noqa: E402
-from linearize.evaluation import evaluate_perplexity, window_nll  # noqa: E402
+from linearize.evaluation import window_nll  # noqa: E402
 from linearize.fitting import collect_span_stats, fit_spans  # noqa: E402
-from linearize.loading import load_model  # noqa: E402
+from linearize.pipeline import _Job  # noqa: E402
 from linearize.progress import Progress  # noqa: E402
-from linearize.surgery import fold_and_remove, remove_layers, replace_with_linear  # noqa: E402
+from linearize.surgery import LinearBlock, fold_and_remove, replace_with_linear  # noqa: E402
 
-LICENSES = Path("/usr/share/common-licenses")
-OOD_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-3", "Artistic", "GFDL-1.3", "CC0-1.0")
 ANCHORS = ("shortgpt", "sleb", "paper_affine", "replaceme")
-
-
-def ood_windows(tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
-    text = "\n\n".join((LICENSES / name).read_text() for name in OOD_FILES)
-    ids = tokenizer(text)["input_ids"][:n_tokens]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+METHODS = (*ANCHORS, "ours", "lu", "streamline")
 
 
 @torch.no_grad()
@@ -124,33 +129,115 @@ def sleb_order(model, windows, k_max: int, deadline: float) -> tuple[list[int], 
 
 
 def build_anchor(name, model, windows, analysis, states, sleb, k):
-    """A compressed copy of `model` by an anchor method; returns (model, replaced indices)."""
+    """A compressed copy of `model` by a training-free anchor: (model, replaced indices, the
+    parameters healing treats as the maps' carriers)."""
     n_layers = len(decoder_layers(model))
     trial = copy.deepcopy(model)
-    if name == "shortgpt":
-        influence = [1 - row["cosine_in_out"] for row in analysis.layers]
-        chosen = sorted(sorted(range(n_layers), key=lambda i: influence[i])[:k])
-        return remove_layers(trial, chosen), chosen
-    if name == "sleb":
-        chosen = sorted(sleb[:k])
-        return remove_layers(trial, chosen), chosen
+    if name in ("shortgpt", "sleb"):
+        if name == "shortgpt":
+            influence = [1 - row["cosine_in_out"] for row in analysis.layers]
+            chosen = sorted(sorted(range(n_layers), key=lambda i: influence[i])[:k])
+        else:
+            chosen = sorted(sleb[:k])
+        trial, carriers = healbench.remove_with_carriers(trial, chosen)
+        return trial, chosen, carriers
     if name == "paper_affine":
         scores = [row["score"] for row in analysis.layers]
         chosen = sorted(sorted(range(1, n_layers - 1), key=lambda i: -scores[i])[:k])
         spans = [(i, i) for i in chosen]
         stats = collect_span_stats(trial, spans, windows.fit, fmt="linear")
-        return replace_with_linear(trial, fit_spans(trial, stats, fmt="linear")), chosen
+        replace_with_linear(trial, fit_spans(trial, stats, fmt="linear"))
+        blocks = [p for m in trial.modules() if isinstance(m, LinearBlock) for p in m.parameters()]
+        return trial, chosen, blocks
     if name == "replaceme":
         start = replaceme_start(states, k)
         span = (start + 1, start + k)
+        carrier = decoder_layers(trial)[start].get_submodule(get_architecture(trial).mlp_out)
         stats = collect_span_stats(trial, [span], windows.fit, fmt="standard")
-        return fold_and_remove(trial, fit_spans(trial, stats, fmt="standard")), list(
-            range(span[0], span[1] + 1)
-        )
+        fold_and_remove(trial, fit_spans(trial, stats, fmt="standard"))
+        return trial, list(range(span[0], span[1] + 1)), list(carrier.parameters())
     raise ValueError(name)
 
 
-def run_ours(args, k: int, workdir: Path, ood: torch.Tensor) -> dict:
+class Race:
+    """One run's shared state: model, windows, texts, baselines, teacher caches, rows."""
+
+    def __init__(self, args):
+        self.args = args
+        self.job = make_job(args, 1)
+        loaded = self.job.load("smollm2-135m")
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.windows = self.job.windows(self.tokenizer, eval_tokens=args.eval_tokens)
+        _, self.baseline_val, self.analysis = self.job.baseline_and_analysis(
+            self.model, self.windows, self.tokenizer
+        )
+        texts = args.ood.split(",") + (list(healbench.SEALED_TEXTS) if args.sealed else [])
+        self.sets = healbench.eval_sets(
+            self.tokenizer, self.windows, texts, args.ood_tokens, args.measure_tokens
+        )
+        self.baseline = healbench.perplexities(self.model, self.sets)
+        self.teachers = healbench.TeacherCaches(self.model, self.windows.fit)
+        self.rows: list[dict] = []
+
+    def record(self, method, k, model, replaced, t0, **extra) -> None:
+        ppl = healbench.perplexities(model, self.sets)
+        row = {
+            "method": method,
+            "k": k,
+            "replaced": replaced,
+            "ppl": ppl,
+            "increase_pct": healbench.increases(ppl, self.baseline),
+            "seconds": round(time.perf_counter() - t0, 1),
+            **extra,
+        }
+        self.rows.append(row)
+        cells = "  ".join(f"{n} {v:+7.1f}%" for n, v in row["increase_pct"].items())
+        print(f"k={k} {method:20s} {cells}  layers {replaced}  {row['seconds']:.0f}s", flush=True)
+
+    def heal_and_record(self, method, k, trial, replaced, carriers, t0) -> None:
+        """The engine's healing recipe for --heal-steps steps, then the '+ heal' row."""
+        params = healing.healing_params(trial, carriers)
+        start = healbench.injection_start(trial, carriers)
+        result, _ = healbench.heal_counted(
+            trial, self.teachers(start), self.windows.fit, params, self.args.heal_steps
+        )
+        self.record(f"{method}+heal", k, trial, replaced, t0, healing=result.as_dict())
+
+    def anchor(self, name, k, states, sleb) -> None:
+        t0 = time.perf_counter()
+        built = build_anchor(name, self.model, self.windows, self.analysis, states, sleb, k)
+        trial, replaced, carriers = built
+        self.record(name, k, trial, replaced, t0)
+        self.heal_and_record(name, k, trial, replaced, carriers, time.perf_counter())
+
+    def ours(self, k) -> None:
+        t0 = time.perf_counter()
+        job = make_job(self.args, k)
+        n_layers = len(decoder_layers(self.model))
+        indices, _ = job.select(
+            self.model, self.windows, self.analysis, self.baseline_val, n_layers
+        )
+        trial = copy.deepcopy(self.model)
+        carriers = job.replace(trial, self.windows, indices)
+        self.record("ours", k, trial, indices, t0)
+        self.heal_and_record("ours", k, trial, indices, carriers, time.perf_counter())
+
+    def lu(self, k) -> None:
+        t0 = time.perf_counter()
+        trial, removed, result = healbench.lu_reverse_order(
+            self.model, self.teachers, self.windows.fit, k, self.args.heal_steps
+        )
+        self.record("lu", k, trial, removed, t0, healing=result.as_dict())
+
+    def streamline(self, k) -> None:
+        t0 = time.perf_counter()
+        trial, span, loss = healbench.streamline(
+            self.model, self.windows.fit, k, self.args.heal_steps
+        )
+        self.record("streamline", k, trial, span, t0, train_loss_last=loss)
+
+
+def make_job(args, k: int) -> _Job:
     spec = CompressSpec(
         model="smollm2-135m",
         layers=k,
@@ -159,17 +246,7 @@ def run_ours(args, k: int, workdir: Path, ood: torch.Tensor) -> dict:
         eval_tokens=args.eval_tokens,
         seq_len=args.seq_len,
     )
-    started = time.perf_counter()
-    report = pipeline.run(spec, output_dir=workdir / f"ours-{k}")
-    reloaded = load_checkpoint(workdir / f"ours-{k}")
-    return {
-        "ppl": report.perplexity.reloaded,
-        "ood_ppl": evaluate_perplexity(reloaded, ood),
-        "replaced": report.replaced_layers,
-        "seconds": time.perf_counter() - started,
-        "before_healing": report.perplexity.before_healing,
-        "healing": report.selection.get("healing"),
-    }
+    return _Job(spec, Progress(None))
 
 
 def main() -> None:
@@ -178,121 +255,93 @@ def main() -> None:
         "--data", type=Path, default=Path("../shared/data/wikitext-2-raw/wiki.test.raw")
     )
     parser.add_argument("--budgets", default="1,2,4,6,8")
-    parser.add_argument("--methods", default=",".join((*ANCHORS, "ours")))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--heal-steps", type=int, default=50)
     parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--ood-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    healbench.add_text_arguments(parser, ood_tokens=1024)
+    parser.add_argument("--sealed", action="store_true", help="also the sealed text (see above)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sleb-windows", type=int, default=1)
-    parser.add_argument("--sleb-minutes", type=float, default=12.0)
+    parser.add_argument("--sleb-minutes", type=float, default=8.0)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     args = parser.parse_args()
     budgets = [int(k) for k in args.budgets.split(",")]
     methods = args.methods.split(",")
     started = time.perf_counter()
 
-    loaded = load_model("smollm2-135m")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    windows = build_windows(
-        tokenizer,
-        read_text(args.data),
-        calib_tokens=args.calib_tokens,
-        eval_tokens=args.eval_tokens,
-        seq_len=args.seq_len,
-    )
-    ood = ood_windows(tokenizer, args.ood_tokens, args.seq_len)
-    baseline = {
-        "ppl": evaluate_perplexity(model, windows.eval),
-        "ood_ppl": evaluate_perplexity(model, ood),
-    }
-    print(f"baseline ppl {baseline['ppl']:.3f}  ood {baseline['ood_ppl']:.3f}", flush=True)
-    analysis = analyze(model, windows, tokenizer, Progress())
-    states = last_token_states(model, windows.fit)
+    race = Race(args)
+    print(f"baseline {race.baseline}; healing budget {args.heal_steps} steps", flush=True)
+    states = last_token_states(race.model, race.windows.fit) if "replaceme" in methods else None
     sleb, sleb_cut = [], False
     if "sleb" in methods:
         deadline = time.perf_counter() + 60 * args.sleb_minutes
-        sleb, sleb_cut = sleb_order(model, windows.fit[: args.sleb_windows], max(budgets), deadline)
-
-    rows = []
-    for k in budgets:
-        for name in methods:
-            t0 = time.perf_counter()
-            if name == "ours":
-                with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "results") as tmp:
-                    row = run_ours(args, k, Path(tmp), ood)
-            elif name == "sleb" and k > len(sleb):
-                rows.append({"method": name, "k": k, "ppl": None, "note": "cut short"})
-                continue
-            else:
-                trial, chosen = build_anchor(name, model, windows, analysis, states, sleb, k)
-                row = {
-                    "ppl": evaluate_perplexity(trial, windows.eval),
-                    "ood_ppl": evaluate_perplexity(trial, ood),
-                    "replaced": chosen,
-                    "seconds": time.perf_counter() - t0,
-                }
-                del trial
-            row = {
-                "method": name,
-                "k": k,
-                **row,
-                "increase_pct": 100 * (row["ppl"] / baseline["ppl"] - 1),
-                "ood_increase_pct": 100 * (row["ood_ppl"] / baseline["ood_ppl"] - 1),
-            }
-            rows.append(row)
-            print(
-                f"k={k} {name:13s} ppl {row['ppl']:8.3f} ({row['increase_pct']:+7.1f}%)  "
-                f"ood {row['ood_ppl']:8.3f} ({row['ood_increase_pct']:+7.1f}%)  "
-                f"layers {row['replaced']}  {row['seconds']:.0f}s",
-                flush=True,
-            )
-
+        sleb, sleb_cut = sleb_order(
+            race.model, race.windows.fit[: args.sleb_windows], max(budgets), deadline
+        )
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine.describe(),
         "command": " ".join(sys.argv),
-        "baseline": baseline,
-        "rows": rows,
+        "heal_steps": args.heal_steps,
+        "fit_windows": len(race.windows.fit),
+        "eval_tokens": race.sets["eval"].numel(),
+        "ood_tokens": args.ood_tokens,
+        "baseline": race.baseline,
+        "rows": race.rows,
         "sleb_cut_short": sleb_cut,
         "sleb_order": sleb,
-        "minutes": (time.perf_counter() - started) / 60,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print_table(rows, budgets, methods, baseline)
-    plot(rows, methods, baseline, args.json.with_suffix(".png"))
+    for k in budgets:
+        for name in methods:
+            if name == "sleb" and k > len(sleb):
+                race.rows.append({"method": name, "k": k, "ppl": None, "note": "cut short"})
+            elif name in ANCHORS:
+                race.anchor(name, k, states, sleb)
+            else:
+                getattr(race, name)(k)
+        result["minutes"] = (time.perf_counter() - started) / 60
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    print_tables(race.rows, budgets, race.baseline, args.heal_steps)
+    plot(race.rows, race.baseline, args.json.with_suffix(".png"))
     print(f"total {result['minutes']:.1f} min; wrote {args.json}")
 
 
-def print_table(rows, budgets, methods, baseline) -> None:
-    print(
-        f"\nperplexity increase (%), wikitext eval | out-of-domain; baseline "
-        f"{baseline['ppl']:.2f} | {baseline['ood_ppl']:.2f}"
-    )
-    print("method        " + "".join(f"{'k=' + str(k):>18s}" for k in budgets))
-    for name in methods:
-        cells = []
-        for k in budgets:
-            row = next((r for r in rows if r["method"] == name and r["k"] == k), None)
-            if row is None or row.get("ppl") is None:
-                cells.append(f"{'cut short':>18s}")
-            else:
-                cells.append(f"{row['increase_pct']:+8.1f} |{row['ood_increase_pct']:+7.1f}")
-        print(f"{name:13s} " + "".join(cells))
+def row_names(rows) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows))
 
 
-def plot(rows, methods, baseline, path: Path) -> None:
+def print_tables(rows, budgets, baseline, steps) -> None:
+    for text in baseline:
+        print(
+            f"\nperplexity increase (%) on {text} (baseline {baseline[text]:.2f}); "
+            f"'+heal', lu and streamline: {steps} training steps of one 512-token window"
+        )
+        print(f"{'method':20s}" + "".join(f"{'k=' + str(k):>10s}" for k in budgets))
+        for name in row_names(rows):
+            cells = []
+            for k in budgets:
+                row = next((r for r in rows if r["method"] == name and r["k"] == k), None)
+                ok = row is not None and row.get("ppl") is not None
+                cells.append(f"{row['increase_pct'][text]:+10.1f}" if ok else f"{'-':>10s}")
+            print(f"{name:20s}" + "".join(cells))
+
+
+def plot(rows, baseline, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in methods:
-        points = sorted((r["k"], r["ppl"]) for r in rows if r["method"] == name and r.get("ppl"))
+    for name in row_names(rows):
+        points = sorted(
+            (r["k"], r["ppl"]["eval"]) for r in rows if r["method"] == name and r.get("ppl")
+        )
         if points:
             ax.plot(*zip(*points, strict=True), "o-", label=name)
-    ax.axhline(baseline["ppl"], color="k", ls=":", label="dense")
+    ax.axhline(baseline["eval"], color="k", ls=":", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("replaced layers k (of 30)")
     ax.set_ylabel("wikitext perplexity")
