@@ -28,12 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 import healbench  # noqa: E402  (bench/healbench.py, beside this script)
 import machine  # noqa: E402
+from engine import BenchJob  # noqa: E402
 
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import healing  # noqa: E402
 from linearize.architectures import decoder_layers  # noqa: E402
-from linearize.pipeline import _Job  # noqa: E402
-from linearize.progress import Progress  # noqa: E402
 
 
 def main() -> None:
@@ -123,7 +122,7 @@ def main() -> None:
     print(f"total {result['minutes']:.1f} min; wrote {args.json}")
 
 
-def make_job(args, k: int) -> _Job:
+def make_job(args, k: int) -> BenchJob:
     spec = CompressSpec(
         model="smollm2-135m",
         layers=k,
@@ -131,7 +130,7 @@ def make_job(args, k: int) -> _Job:
         calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens,
     )
-    return _Job(spec, Progress(None))
+    return BenchJob(spec)
 
 
 def pct(ppl: dict, baseline: dict) -> dict:

@@ -10,7 +10,6 @@ Layer Pruning"; Chen et al. 2024, LLM-Streamline).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 import sysconfig
@@ -23,6 +22,7 @@ from linearize import healing
 from linearize.architectures import decoder_layers, get_architecture
 from linearize.capture import hooked, iterate_batches, layer_io, run_decoder
 from linearize.evaluation import evaluate_perplexity
+from linearize.stack import LayerStack
 from linearize.surgery import remove_layers
 
 NO_TIME_LIMIT = 1e9  # seconds: the step count is the budget
@@ -260,10 +260,6 @@ def span_io(model, windows, first: int, last: int):
     return torch.cat(xs), torch.cat(ys)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the trained layer has run."""
-
-
 def streamline(model, fit, k: int, steps: int, *, lr: float = healing.DEFAULT_LR, seed: int = 0):
     """Replace the k + 1 adjacent layers whose input and output are most alike (mean cosine,
     all tokens) by one decoder layer of the model's shape, initialised from the span's first
@@ -281,26 +277,17 @@ def streamline(model, fit, k: int, steps: int, *, lr: float = healing.DEFAULT_LR
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    captured = {}
-
-    def stop_after(_module, _args, output):
-        captured["out"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = layer.register_forward_hook(stop_after)
+    stack = LayerStack.of(trial)
     try:
-        with healing.suffix_stack(trial, start) as injector:
-            for _ in range(steps):
-                pick = torch.randint(0, len(fit), (1,), generator=generator)
-                injector.hidden = inputs[pick]
-                with torch.autocast("cpu", dtype=torch.bfloat16), contextlib.suppress(_Stop):
-                    trial.base_model(input_ids=fit[pick], use_cache=False)
-                loss = torch.nn.functional.mse_loss(captured["out"].float(), targets[pick])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        for _ in range(steps):
+            pick = torch.randint(0, len(fit), (1,), generator=generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = stack.call(start, layer, inputs[pick])  # the layer alone, as position start
+            loss = torch.nn.functional.mse_loss(out.float(), targets[pick])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     finally:
-        handle.remove()
         for p in params:
             p.requires_grad_(False)
         for p in frozen:

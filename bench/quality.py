@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import healbench  # noqa: E402  (bench/healbench.py, beside this script)
 import machine  # noqa: E402  (bench/machine.py, beside this script)
+from engine import BenchJob  # noqa: E402
 
 from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import healing  # noqa: E402
@@ -62,8 +63,6 @@ from linearize.architectures import decoder_layers, get_architecture  # noqa: E4
 from linearize.capture import hooked, iterate_batches, layer_io, run_decoder  # noqa: E402
 from linearize.evaluation import window_nll  # noqa: E402
 from linearize.fitting import collect_span_stats, fit_spans  # noqa: E402
-from linearize.pipeline import _Job  # noqa: E402
-from linearize.progress import Progress  # noqa: E402
 from linearize.surgery import LinearBlock, fold_and_remove, replace_with_linear  # noqa: E402
 
 ANCHORS = ("shortgpt", "sleb", "paper_affine", "replaceme")
@@ -237,7 +236,7 @@ class Race:
         self.record("streamline", k, trial, span, t0, train_loss_last=loss)
 
 
-def make_job(args, k: int) -> _Job:
+def make_job(args, k: int) -> BenchJob:
     spec = CompressSpec(
         model="smollm2-135m",
         layers=k,
@@ -246,7 +245,7 @@ def make_job(args, k: int) -> _Job:
         eval_tokens=args.eval_tokens,
         seq_len=args.seq_len,
     )
-    return _Job(spec, Progress(None))
+    return BenchJob(spec)
 
 
 def main() -> None:
