@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
-.PHONY: setup browser demo test test-fast lint format bench bench-quality bench-service bench-ui clean
+.PHONY: setup browser demo test test-fast lint format bench bench-quality bench-scale bench-service bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

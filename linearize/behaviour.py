@@ -9,9 +9,6 @@ chunk of the reloaded checkpoint's, `measure_compressed(model)`, and `fill(repor
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-
 from api_schemas.report import Agreement, GenerationCheck, GenerationPair, TaskResult
 from linearize.agreement import DEFINITION as AGREEMENT_DEFINITION
 from linearize.agreement import AgreementMeter, Reference
@@ -31,13 +28,10 @@ class Behaviour:
         self._compressed_tasks: dict = {}
         self._generation = None
 
-    @contextmanager
     def timed(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+        from linearize.job import timed_into
+
+        return timed_into(self.timings, name)
 
     def check(self) -> None:
         """Refuse unknown tasks or a missing task directory before any model work."""

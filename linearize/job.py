@@ -16,6 +16,16 @@ from linearize.progress import Progress
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def timed_into(timings: dict[str, float], name: str):
+    """Add the block's wall time to timings[name] (seconds, 3 decimals)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
 class Job:
     def __init__(self, spec, progress: Progress):
         self.spec = spec

@@ -7,22 +7,26 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def report_and_dir(tmp_path_factory, wikitext_path):
+def bundled_spec(wikitext_path, **overrides):
     from api_schemas import CompressSpec, DataSpec
-    from linearize import pipeline
 
-    out = tmp_path_factory.mktemp("bundled") / "ckpt"
-    spec = CompressSpec(
+    return CompressSpec(
         model="smollm2-135m",
         data=DataSpec(path=str(wikitext_path)),
         layers=2,
         calib_tokens=2048,
         eval_tokens=2048,
         seq_len=512,
-        format="standard",
+        **overrides,
     )
-    return pipeline.run(spec, output_dir=out), out
+
+
+@pytest.fixture(scope="module")
+def report_and_dir(tmp_path_factory, wikitext_path):
+    from linearize import pipeline
+
+    out = tmp_path_factory.mktemp("bundled") / "ckpt"
+    return pipeline.run(bundled_spec(wikitext_path), output_dir=out), out
 
 
 def test_bundled_model_report_numbers_are_sane(report_and_dir):
@@ -84,20 +88,10 @@ def test_gguf_is_converted_once_and_read_back_identically(tmp_path, monkeypatch)
 def test_bundled_model_streamed_gives_the_resident_result(report_and_dir, tmp_path, wikitext_path):
     """The same spec, one decoder layer at a time from the converted shards (the GGUF source
     is streamed through its cached safetensors copy)."""
-    from api_schemas import CompressSpec, DataSpec
     from linearize import pipeline
 
     resident, _ = report_and_dir
-    spec = CompressSpec(
-        model="smollm2-135m",
-        data=DataSpec(path=str(wikitext_path)),
-        layers=2,
-        calib_tokens=2048,
-        eval_tokens=2048,
-        seq_len=512,
-        streaming="on",
-        memory_budget="200MB",
-    )
+    spec = bundled_spec(wikitext_path, streaming="on", memory_budget="200MB")
     streamed = pipeline.run(spec, output_dir=tmp_path / "s")
     assert streamed.execution.mode == "streamed" and resident.execution.mode == "resident"
     assert streamed.replaced_layers == resident.replaced_layers
