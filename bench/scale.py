@@ -24,12 +24,13 @@ from machine import describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK = """
-import json, resource, sys
+import json, sys
 import torch, transformers  # noqa: F401
 if len(sys.argv) > 1:
     from linearize.cli import main
     assert main(sys.argv[1:]) == 0
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+from linearize.memory import peak_rss_bytes  # VmHWM: this process's own peak, not its parent's
+print(json.dumps({"peak": peak_rss_bytes()}))
 """
 
 
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument(
         "--data", default=str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw")
     )
+    parser.add_argument("--modes", nargs="+", default=["resident", "streamed"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/scale.json")
     args = parser.parse_args()
     rows = []
@@ -92,8 +94,9 @@ def main() -> None:
                       "--heal-steps", "20", "--heal-seconds", "600", "--no-cache", "--quiet",
                       "--force"]  # fmt: skip
             row = {"layers": layers, "weight_bytes": weights}
-            for mode, extra in (("resident", ["--streaming", "off"]),
-                                ("streamed", ["--streaming", "on", "--memory-budget", args.budget])):  # fmt: skip
+            runs = {"resident": ["--streaming", "off"],
+                    "streamed": ["--streaming", "on", "--memory-budget", args.budget]}  # fmt: skip
+            for mode, extra in ((m, runs[m]) for m in args.modes):
                 report = tmp / f"{mode}-{layers}.json"
                 peak, wall = run_child(
                     [*common, *extra, "--output", str(tmp / f"{mode}-{layers}"), "--report", str(report)],
@@ -129,6 +132,8 @@ def print_table(result: dict) -> None:
     print("| layers | weights MiB | resident peak MiB | streamed peak MiB | resident s | "
           "streamed s | streamed/resident time |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
+    if not all("resident" in row and "streamed" in row for row in result["rows"]):
+        return
     for row in result["rows"]:
         r, s = row["resident"], row["streamed"]
         print(f"| {row['layers']} | {row['weight_bytes'] / mib:.0f} | {r['peak_rss'] / mib:.0f} | "

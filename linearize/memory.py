@@ -108,5 +108,17 @@ def peak_bytes(device) -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM, the high-water mark of its own address space.
+
+    Not getrusage's ru_maxrss: on Linux that keeps the maximum across exec, so a child started
+    from a large parent (a test runner, a benchmark that just wrote a model) reports the parent's
+    resident set at fork time as its own peak."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024

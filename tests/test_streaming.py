@@ -193,13 +193,14 @@ def test_spilled_files_are_removed_when_the_job_stops_early(
 # --- a model of a few hundred MB under a quarter of its size -----------------------------------
 
 PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 import torch, transformers  # noqa: F401  (the baseline: an empty torch process)
 if len(sys.argv) > 1:
     from linearize.cli import main
     code = main(sys.argv[1:])
     assert code == 0, code
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+from linearize.memory import peak_rss_bytes  # VmHWM: this process's own peak, not its parent's
+print(json.dumps({"peak": peak_rss_bytes()}))
 """
 
 
