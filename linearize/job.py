@@ -61,7 +61,7 @@ class Job:
 
     def load(self, source: str, *, activation_tokens: int = 0):
         """The model as a LayerStack (`loaded.stack`), resident or streamed for the budget."""
-        from linearize.memory import peak_bytes, reset_peak
+        from linearize.memory import reset_peak
         from linearize.placement import open_stack
 
         self.text()
@@ -76,10 +76,9 @@ class Job:
                 memory_budget=self.spec.memory_budget,
                 activation_tokens=activation_tokens,
             )
-        if self.placement is None:
+        if self.placement is None:  # the job's model (a reload keeps the job's placement)
             self.placement = placement
             reset_peak(loaded.stack.device)
-            log.debug("peak after load: %d", peak_bytes(loaded.stack.device))
         return loaded
 
     def windows(self, tokenizer, eval_tokens: int | None):
