@@ -19,6 +19,16 @@ class BenchJob:
         self.job = Job(spec, Progress(None))
         self.spec = spec
 
+    @classmethod
+    def bundled(cls, data, k: int, **settings) -> BenchJob:
+        """A k-layer compress of the bundled model on the text file `data`."""
+        from api_schemas import CompressSpec, DataSpec
+
+        spec = CompressSpec(
+            model="smollm2-135m", layers=k, data=DataSpec(path=str(data)), **settings
+        )
+        return cls(spec)
+
     def load(self, source: str):
         return self.job.load(source)
 

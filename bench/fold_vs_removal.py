@@ -30,7 +30,6 @@ import healbench  # noqa: E402  (bench/healbench.py, beside this script)
 import machine  # noqa: E402
 from engine import BenchJob  # noqa: E402
 
-from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import healing  # noqa: E402
 from linearize.architectures import decoder_layers  # noqa: E402
 
@@ -123,14 +122,9 @@ def main() -> None:
 
 
 def make_job(args, k: int) -> BenchJob:
-    spec = CompressSpec(
-        model="smollm2-135m",
-        layers=k,
-        data=DataSpec(path=str(args.data)),
-        calib_tokens=args.calib_tokens,
-        eval_tokens=args.eval_tokens,
+    return BenchJob.bundled(
+        args.data, k, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens
     )
-    return BenchJob(spec)
 
 
 def pct(ppl: dict, baseline: dict) -> dict:

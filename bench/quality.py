@@ -57,7 +57,6 @@ import healbench  # noqa: E402  (bench/healbench.py, beside this script)
 import machine  # noqa: E402  (bench/machine.py, beside this script)
 from engine import BenchJob  # noqa: E402
 
-from api_schemas import CompressSpec, DataSpec  # noqa: E402
 from linearize import healing  # noqa: E402
 from linearize.architectures import decoder_layers, get_architecture  # noqa: E402
 from linearize.capture import hooked, iterate_batches, layer_io, run_decoder  # noqa: E402
@@ -237,15 +236,13 @@ class Race:
 
 
 def make_job(args, k: int) -> BenchJob:
-    spec = CompressSpec(
-        model="smollm2-135m",
-        layers=k,
-        data=DataSpec(path=str(args.data)),
+    return BenchJob.bundled(
+        args.data,
+        k,
         calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens,
         seq_len=args.seq_len,
     )
-    return BenchJob(spec)
 
 
 def main() -> None:
