@@ -13,6 +13,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api_schemas ./api_schemas
 COPY linearize ./linearize
+COPY linearize_client ./linearize_client
 COPY infra ./infra
 COPY service ./service
 COPY worker ./worker

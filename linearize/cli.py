@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    from linearize.job_options import add_memory_options
+    from linearize_client.options import add_memory_options
 
     if model:
         p.add_argument(
@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from linearize.job_options import add_compress_options
+    from linearize_client.options import add_compress_options
 
     parser = _Parser(prog="linearize", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="directory for the table and plot")
 
     try:
-        from linearize.remote_cli import add_serve_arguments, add_submit_arguments
+        from linearize_client.commands import add_serve_arguments, add_submit_arguments
     except ImportError:  # the service extra is not installed
         return parser
     add_serve_arguments(sub.add_parser("serve", help="API + worker on one machine"))
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace):
     from api_schemas import AnalyzeSpec, CompareSpec, CompressSpec, DataSpec, EvalSpec
-    from linearize.job_options import memory_fields
+    from linearize_client.options import memory_fields
 
     if args.data == "wikitext2":
         data = DataSpec(builtin="wikitext2")
@@ -111,7 +111,7 @@ def spec_from_args(args: argparse.Namespace):
         )
     if args.command == "compare":
         return CompareSpec(models=args.models, **common)
-    from linearize.job_options import compress_fields
+    from linearize_client.options import compress_fields
 
     try:
         fields = compress_fields(args)
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.command in ("serve", "submit"):
-        from linearize import remote_cli
+        from linearize_client import commands
 
-        return getattr(remote_cli, f"{args.command}_main")(args)
+        return getattr(commands, f"{args.command}_main")(args)
     try:
         return _run_local(args)
     except KeyboardInterrupt:

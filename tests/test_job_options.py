@@ -3,8 +3,8 @@
 import pytest
 
 from linearize.cli import build_parser, main, spec_from_args
-from linearize.job_options import compress_fields, parse_task_gates
-from linearize.remote_cli import _build_spec
+from linearize_client.commands import _build_spec
+from linearize_client.options import compress_fields, parse_task_gates
 
 OPTIONS = [
     "--layers", "3", "--eval-tokens", "1024", "--format", "linear", "--heal-steps", "7",
@@ -52,7 +52,7 @@ def test_submit_refuses_compress_options_for_another_kind(capsys):
         ["submit", "--remote", "http://127.0.0.1:9", "--kind", "analyze", "--data", "wikitext2",
          "--heal-steps", "3"]
     )  # fmt: skip
-    from linearize.remote_cli import submit_main
+    from linearize_client.commands import submit_main
 
     assert submit_main(args) == 2
     assert "--heal-steps need --kind compress" in capsys.readouterr().err

@@ -282,7 +282,7 @@ class Stack:
         proc.wait()
 
     def client(self, tenant: str = "alpha"):
-        from linearize.client import LinearizeClient
+        from linearize_client import LinearizeClient
 
         return LinearizeClient(self.url, KEYS[tenant], timeout=30)
 

@@ -62,7 +62,7 @@ def test_serve_with_the_embedded_broker_runs_a_job(tmp_path, model_root, text_fi
     proc = _serve(tmp_path, port, LINEARIZE_MODEL_ROOTS=str(model_root))
     try:
         wait_until(lambda: _ready(url), 90, what="serve to be ready")
-        from linearize.client import LinearizeClient
+        from linearize_client import LinearizeClient
 
         with LinearizeClient(url, KEYS["alpha"]) as client:
             dataset = client.upload_dataset(text_file)

@@ -26,7 +26,7 @@ EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3
 
 
 def add_submit_arguments(p: argparse.ArgumentParser) -> None:
-    from linearize.job_options import add_compress_options, add_memory_options
+    from linearize_client.options import add_compress_options, add_memory_options
 
     p.add_argument(
         "--remote",
@@ -75,7 +75,7 @@ def _build_spec(args: argparse.Namespace, data: dict[str, Any]):
     from pydantic import TypeAdapter
 
     from api_schemas import JobSpec
-    from linearize.job_options import compress_fields, given_compress_options, memory_fields
+    from linearize_client.options import compress_fields, given_compress_options, memory_fields
 
     body: dict[str, Any] = {"kind": args.kind, "data": data}
     for name in ("model", "calib_tokens", "seq_len", "dtype", "device", "seed", "webhook_url"):
@@ -97,7 +97,7 @@ def _build_spec(args: argparse.Namespace, data: dict[str, Any]):
 def submit_main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from linearize.client import ApiError, IntegrityError, LinearizeClient, format_detail
+    from linearize_client.client import ApiError, IntegrityError, LinearizeClient, format_detail
 
     if not args.remote:
         _err("--remote URL is required (or set LINEARIZE_REMOTE)")
