@@ -1,5 +1,5 @@
-"""What runs without a container engine: the API starts without torch, the worker imports
-without touching torch before the fork, and compose / Dockerfile match the code."""
+"""What runs without a container engine: the API and the client start without torch, the worker
+imports without touching torch before the fork, and compose / Dockerfile match the code."""
 
 from __future__ import annotations
 
@@ -75,6 +75,33 @@ def test_api_starts_and_answers_with_torch_unimportable(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_client_and_its_commands_import_and_build_a_spec_with_torch_unimportable(tmp_path):
+    code = BLOCK_TORCH + textwrap.dedent(
+        """
+        import argparse
+        import linearize_client, linearize_client.commands, linearize_client.options
+        assert "httpx" not in sys.modules, "the package imports its client lazily"
+
+        from linearize_client import ApiError, IntegrityError, LinearizeClient
+        from linearize_client.commands import _build_spec, add_submit_arguments
+
+        parser = argparse.ArgumentParser()
+        add_submit_arguments(parser)
+        args = parser.parse_args(["--data", "wikitext2", "--layers", "2", "--heal-steps", "0"])
+        spec = _build_spec(args, {"builtin": "wikitext2"})
+        assert spec.kind == "compress" and spec.layers == 2 and spec.heal_steps == 0
+        with LinearizeClient("http://127.0.0.1:9", token="t"):
+            pass
+        engine = ("torch", "transformers", "safetensors", "linearize", "service", "worker", "infra")
+        loaded = [m for m in sys.modules if m.split(".")[0] in engine]
+        assert not loaded, loaded
+        print("ok")
+        """
+    )
+    result = _run(code, tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 # Which top-level packages each layer may import (statically, anywhere in the file): the API
 # front and the shared infra stay free of the engine, and the worker reaches the store through
 # infra, never through the HTTP front.
@@ -82,6 +109,17 @@ FORBIDDEN_IMPORTS = {
     "infra": {"torch", "transformers", "safetensors", "linearize", "service", "worker"},
     "service": {"torch", "transformers", "safetensors", "linearize", "worker"},
     "worker": {"service"},
+    # The HTTP client and the submit/serve commands: a room of their own, apart from the engine;
+    # `serve` starts the API and the worker as processes, it imports neither.
+    "linearize_client": {
+        "torch",
+        "transformers",
+        "safetensors",
+        "linearize",
+        "infra",
+        "service",
+        "worker",
+    },
 }
 
 
@@ -218,6 +256,10 @@ def test_dockerfile_builds_an_api_image_without_torch_and_a_worker_image_with_it
     stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
     assert {"build", "build-worker", "api", "worker"} <= set(stages)
     assert "'.[api]'" in stages["build"] and "torch" not in stages["build"]
+    # Every top-level package is copied in (`linearize submit` lives in linearize_client).
+    packages = {d.name for d in REPO.iterdir() if (d / "__init__.py").is_file()}
+    assert "linearize_client" in packages
+    assert {p for p in packages if f"COPY {p} ./{p}\n" not in stages["build"]} == set()
     assert "torch" not in stages["api"] and "/wheels/api" in stages["api"]
     assert "torch==" in stages["build-worker"] and "[worker]" in stages["worker"]
     assert 'CMD ["uvicorn", "service.main:app"' in stages["api"]
