@@ -201,18 +201,23 @@ def test_worker_killed_during_upload_is_retried_elsewhere_and_nothing_partial_is
     stack = _bucket_stack(tmp_path / "stack", s3_server, bucket, pg_url, shared_redis, model_root)
     try:
         stack.start_api()
-        # Host A uploads slowly (a capped link), so the kill lands mid-upload.
+        # Host A uploads slowly (a capped link), so the kill lands mid-upload: once the small
+        # files before it are up, the weights shard takes minutes at 10 kB/s. Waiting for
+        # "some file is up" instead raced the last small files on a fast host (CI, stop 17).
         slow = stack.start_worker(
             env={**_host(stack, "host-a"), "LINEARIZE_S3_MAX_BANDWIDTH_MB_S": "0.01"}
         )
         with stack.client() as client:
             job = client.submit(tiny_spec(client.upload_dataset(text_file).id))
 
-            def uploading():
+            def uploading_weights():
                 events = client.events(job.id, limit=1000).items
-                return any(e.stage == "publish" and e.current >= 1 for e in events)
+                return any(
+                    e.stage == "publish" and e.current >= 1 and ".safetensors" in e.message
+                    for e in events
+                )
 
-            wait_until(uploading, 120, what="the upload to start")
+            wait_until(uploading_weights, 120, what="the upload of the weights to start")
         job_prefix = f"{PREFIX}/jobs/{job.id}/"
         partial = bucket_keys(s3_server, bucket, job_prefix)
         assert partial and all("/attempts/" in k for k in partial), partial  # no manifest yet
