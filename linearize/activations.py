@@ -3,14 +3,20 @@
 A layer-by-layer pass keeps the hidden states of every window it carries, (n_windows, S, d),
 and overwrites them in place as each layer runs. They live where they fit, in this order: on
 the compute device, in (pinned, when the device is a GPU) host memory, or in a file under the
-spill directory, memory-mapped, when they exceed the host budget. Spill files are removed when
-the cache closes, and the job's `Spill` removes its whole directory at the end of a run, also
-when it fails or is cancelled.
+spill directory when they exceed the host budget. Spill files are removed when the cache closes,
+and the job's `Spill` removes its whole directory at the end of a run, also when it fails or is
+cancelled.
+
+A spilled cache is read and written with positioned file I/O (`os.preadv`/`os.pwrite`), not
+memory-mapped: the pages of a shared mapping count in the process's resident set for as long
+as they stay mapped, so a memmap spill freed no resident memory at all (measured: +160 MB RSS
+for 13 spilled caches of a 400 MB model). Through the page cache they cost only the batch read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -74,6 +80,7 @@ class ActivationCache:
         self.shape = (n, seq_len, d)
         self.dtype, self.device, self.place = dtype, torch.device(device), place
         self.path: Path | None = None
+        self._fd: int | None = None
         if place == "device":
             self.data = torch.empty(self.shape, dtype=dtype, device=self.device)
         elif place == "host":
@@ -84,9 +91,9 @@ class ActivationCache:
                 raise ValueError("a disk cache needs a Spill directory")
             self.path = spill.directory() / f"{uuid.uuid4().hex}.bin"
             spill.spilled += 1
-            count = n * seq_len * d
-            self.data = torch.from_file(str(self.path), shared=True, size=count, dtype=dtype)
-            self.data = self.data.view(self.shape)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(self._fd, self.nbytes)
+            self.data = None
         else:
             raise ValueError(f"unknown placement {place!r}")
 
@@ -98,17 +105,65 @@ class ActivationCache:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.data[rows].to(self.device, non_blocking=True)
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0]
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Windows `rows` (a slice, or an index tensor as healing draws) on the compute device."""
+        if self._fd is None:
+            return self.data[rows].to(self.device, non_blocking=True)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                raise ValueError("a spilled activation cache reads contiguous slices only")
+            return self._read(start, stop - start).to(self.device)
+        picked = [self._read(int(i), 1) for i in torch.as_tensor(rows).reshape(-1)]
+        return torch.cat(picked).to(self.device)
 
     def __setitem__(self, rows: slice, value: torch.Tensor) -> None:
-        self.data[rows].copy_(value.detach(), non_blocking=self.place == "host")
+        if self._fd is None:
+            self.data[rows].copy_(value.detach(), non_blocking=self.place == "host")
+            return
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1 or tuple(value.shape) != (stop - start, *self.shape[1:]):
+            raise ValueError(f"cannot write {tuple(value.shape)} into rows {start}:{stop}")
+        data = value.detach().to("cpu", self.dtype).contiguous()
+        _write_all(self._fd, _bytes_of(data), start * self.row_bytes)
+
+    def _read(self, start: int, count: int) -> torch.Tensor:
+        out = torch.empty((count, *self.shape[1:]), dtype=self.dtype)
+        _read_all(self._fd, _bytes_of(out), start * self.row_bytes)
+        return out
 
     def close(self) -> None:
         self.data = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, any dtype (bfloat16 has no numpy type)."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy())
+
+
+def _read_all(fd: int, buffer: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"spill file ended early at byte {offset + done}")
+        done += got
+
+
+def _write_all(fd: int, buffer: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buffer):
+        done += os.pwrite(fd, buffer[done:], offset + done)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from api_schemas import CompressSpec, DataSpec, EvalSpec
 from linearize import pipeline
+from linearize.activations import ActivationCache, Spill
 from linearize.data import find_wikitext
 from linearize.errors import BudgetError, Cancelled
 from linearize.weights import ShardedWeights
@@ -166,6 +167,27 @@ def test_activation_caches_spill_to_disk_when_told_and_are_removed(
     plain = compress(sharded_llama, data, tmp_path / "plain")
     assert plain.execution.spilled_caches == 0
     assert spilled.perplexity.compressed == pytest.approx(plain.perplexity.compressed, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_spilled_cache_holds_what_a_host_cache_holds_and_maps_nothing(tmp_path, dtype):
+    states = torch.randn(7, 5, 3).to(dtype)  # (n_windows, S, d)
+    with Spill(parent=tmp_path, always=True) as spill:
+        disk = ActivationCache(7, 5, 3, dtype=dtype, device="cpu", place="disk", spill=spill)
+        host = ActivationCache(7, 5, 3, dtype=dtype, device="cpu", place="host")
+        for start in range(0, 7, 3):  # batches of 3, the last one short, as a pass writes them
+            disk[start : start + 3] = states[start : start + 3]
+            host[start : start + 3] = states[start : start + 3]
+        assert disk.path.stat().st_size == 7 * 5 * 3 * dtype.itemsize
+        assert str(disk.path) not in Path("/proc/self/maps").read_text()  # read, not mapped
+        assert torch.equal(disk[2:6], states[2:6]) and torch.equal(disk[:], host[:])
+        pick = torch.tensor([6, 0, 6, 3])  # healing draws windows with repeats
+        assert torch.equal(disk[pick], states[pick]) and torch.equal(host[pick], states[pick])
+        with pytest.raises(ValueError, match="cannot write"):
+            disk[0:2] = states[0:3]
+        path = disk.path
+        disk.close()
+        assert not path.exists()
 
 
 @pytest.mark.parametrize("failure", ["cancelled", "failed"])
