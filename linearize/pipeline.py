@@ -420,7 +420,7 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
     from linearize.fitting import fit_pass, fit_spans
     from linearize.healing import TeacherCache
     from linearize.selection import contiguous_spans
-    from linearize.surgery import check_foldable
+    from linearize.surgery import check_foldable, position_computing_through
 
     spec = job.spec
     spans = contiguous_spans(indices)
@@ -445,7 +445,7 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
     if teacher is None:
         return carriers, None, None
     kind = "final" if end is None else "hidden"
-    last = len(stack.layers) - 1 if end is None else _position_of_original(stack, end)
+    last = len(stack.layers) - 1 if end is None else position_computing_through(stack.model, end)
     return carriers, TeacherCache(start, t_in, t_out, kind), last
 
 
@@ -472,15 +472,6 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
     for layer in targets:
         layer.to("cpu" if stack.streamed else stack.device)
     return [p for proj in projections for p in proj.parameters()]
-
-
-def _position_of_original(stack, original: int) -> int:
-    """The current position whose computation ends at layer `original` of the base model."""
-    origins = stack.model.config.linearize["origins"]
-    for position, (_, last) in enumerate(origins):
-        if last >= original:
-            return position
-    return len(origins) - 1
 
 
 def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
@@ -529,6 +520,7 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         "validation_after": val_after,
         "kept": "healed" if kept else "fitted",
         "loss": teacher.loss_name,
+        "segment": [teacher.start, last],  # positions the distillation runs through
         "neighbour_layers": neighbours,
         "trained_parameters": sum(p.numel() for p in params),
     }

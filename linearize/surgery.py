@@ -251,6 +251,21 @@ def current_layout(model: nn.Module) -> dict:
     }
 
 
+def position_computing_through(model: nn.Module, original: int) -> int:
+    """The first current position whose output is the base model's hidden state after layer
+    `original`, counting what a fold target computes for the span folded into it."""
+    layout = current_layout(model)
+    ends = [last for _, last in layout["origins"]]
+    for fold in layout["folds"]:
+        for position, (first, _) in enumerate(layout["origins"]):
+            if first == fold["into"]:
+                ends[position] = max(ends[position], fold["span"][1])
+    for position, end in enumerate(ends):
+        if end >= original:
+            return position
+    return len(ends) - 1
+
+
 def install_linear_blocks(model: nn.Module, linear_blocks: list[dict]) -> nn.Module:
     """Put empty LinearBlocks at recorded positions of a model built from a saved config.
 

@@ -16,7 +16,8 @@ from linearize import pipeline
 from linearize.activations import ActivationCache, Spill
 from linearize.data import find_wikitext
 from linearize.errors import BudgetError, Cancelled
-from linearize.weights import ShardedWeights
+from linearize.placement import checkpoint_sizes
+from linearize.weights import STANDARD_PREFIX, ShardedWeights
 
 SMALL = dict(calib_tokens=2048, seq_len=128, eval_tokens=1024, heal_steps=10, use_cache=False)
 
@@ -72,6 +73,19 @@ def test_streamed_and_resident_runs_agree(sharded_llama, data, tmp_path, fmt):
     if fmt == "standard":
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
         assert model.config.num_hidden_layers == 4
+
+
+def test_a_budget_that_trains_no_neighbour_heals_the_fold_target_against_the_span_output(
+    sharded_llama, data, tmp_path
+):
+    sizes = checkpoint_sizes(sharded_llama, STANDARD_PREFIX, "auto")
+    budget = sizes["trunk"] + sizes["head"] + 2 * sizes["largest_layer"]  # < 4x a layer: no room
+    report = compress(sharded_llama, data, tmp_path / "s", memory_budget=str(budget))
+    healing = report.selection["healing"]
+    assert report.execution.mode == "streamed" and healing["neighbour_layers"] == 0
+    target = min(report.replaced_layers) - 1
+    # The teacher's target is the hidden state after the span: what the fold target computes.
+    assert healing["segment"] == [target, target]
 
 
 def test_a_changed_layer_is_kept_in_memory_and_written_not_reread(sharded_llama, tmp_path):

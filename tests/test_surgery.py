@@ -14,6 +14,7 @@ from linearize.surgery import (
     LinearBlock,
     OutputFold,
     fold_and_remove,
+    position_computing_through,
     remove_layers,
     replace_with_linear,
 )
@@ -94,6 +95,17 @@ def test_fold_and_remove_several_spans_at_once():
     ids = _tokens()
     torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-10, rtol=0)
     assert model.config.linearize["origins"] == [[0, 0], [3, 3], [5, 5]]
+
+
+def test_the_position_after_a_fold_is_the_fold_target_for_the_folded_span():
+    model = build_tiny_model("llama").double()  # 6 layers
+    fold_and_remove(model, {(1, 2): OutputFold(_random_map(0, bias=False))})
+    # positions: 0 -> [0], 1 -> [3] (ends at 3), 2 -> [4], 3 -> [5]; layer 0 computes 0..2
+    assert [position_computing_through(model, base) for base in range(6)] == [0, 0, 0, 1, 2, 3]
+    replace_with_linear(model, {(2, 2): _random_map(1, bias=True)})  # base layer 4 -> a block
+    fold_and_remove(model, {(1, 1): OutputFold(_random_map(2, bias=False))})  # 3 into 0
+    assert model.config.linearize["origins"] == [[0, 0], [4, 4], [5, 5]]
+    assert [position_computing_through(model, base) for base in range(6)] == [0, 0, 0, 0, 1, 2]
 
 
 def test_fold_and_remove_accepts_all_zero_bias_on_biasless_projection():
