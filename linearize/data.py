@@ -5,6 +5,12 @@ newlines normalised to LF (what `open(path).read()` gives), take the second half
 the first `eval_tokens` tokens and cut them into non-overlapping `seq_len` windows. Calibration
 comes from the first half in the same way; its last windows form the validation slice used for
 every ranking, selection and tuning decision. Evaluation windows never choose anything.
+
+Healing text: the calibration half without its validation windows, in order: the fit windows,
+then the windows that follow the calibration windows in the first half (tokenized from the
+start of the half, like calibration). `heal_tokens` takes its first tokens, so 16k healing
+tokens at the default 16k calibration are the 12k fit tokens plus the next 4k of the half. Only
+healing reads them; the analysis and the fit see the calibration windows alone.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ class TokenWindows:
     source: TextSource
     calib_sha256: str
     eval_sha256: str | None
+    heal: object = None  # LongTensor (n_heal, seq_len); None: the fit windows
+
+    def __post_init__(self) -> None:
+        if self.heal is None:
+            self.heal = self.fit
 
     @property
     def calibration(self):
@@ -167,7 +178,13 @@ def build_windows(
     eval_tokens: int | None,
     seq_len: int,
     validation_fraction: float = 0.25,
+    heal_tokens: int | None = None,
+    heal_at_most: bool = False,
 ) -> TokenWindows:
+    """Calibration (fit + validation), evaluation and healing windows. `heal_tokens` None: heal
+    on the fit windows; else its first tokens of the calibration half without the validation
+    windows (module docstring). More than the half has is an error, or with `heal_at_most` (a
+    default, not the user's number) all there is."""
     calib_text, eval_text = split_halves(source.text)
     calib = tokenize_windows(tokenizer, calib_text, calib_tokens, seq_len, "calib")
     n_val = max(1, math.ceil(validation_fraction * len(calib)))
@@ -180,25 +197,62 @@ def build_windows(
     if eval_tokens:
         evaluation = tokenize_windows(tokenizer, eval_text, eval_tokens, seq_len, "eval")
         _check_disjoint(calib, evaluation)
+    fit = calib[:-n_val]
+    heal = None
+    if heal_tokens is not None:
+        heal = healing_windows(
+            tokenizer, calib_text, fit, calib, heal_tokens, seq_len, at_most=heal_at_most
+        )
+        # The fit windows are checked against evaluation above; the text after them here.
+        _check_disjoint(heal[len(fit) :], calib[-n_val:], "validation", "healing")
+        if evaluation is not None:
+            _check_disjoint(heal[len(fit) :], evaluation, "evaluation", "healing")
     return TokenWindows(
-        fit=calib[:-n_val],
+        fit=fit,
         validation=calib[-n_val:],
         eval=evaluation,
         seq_len=seq_len,
         source=source,
         calib_sha256=hash_tokens(calib),
         eval_sha256=None if evaluation is None else hash_tokens(evaluation),
+        heal=heal,
     )
+
+
+def healing_windows(tokenizer, calib_text, fit, calib, n_tokens, seq_len, *, at_most=False):
+    """The first n_tokens // seq_len windows of: the fit windows, then the calibration half's
+    windows after the calibration windows (the validation slice is skipped)."""
+    import torch
+
+    n_windows = n_tokens // seq_len
+    if n_windows < 1:
+        raise DataError(f"heal: {n_tokens} tokens is less than one window of seq_len={seq_len}")
+    if n_windows <= len(fit):
+        return fit if n_windows == len(fit) else fit[:n_windows]
+    calib_ids = calib.numel()
+    wanted = calib_ids + (n_windows - len(fit)) * seq_len
+    ids = _tokenize_prefix(tokenizer, calib_text, wanted)
+    if ids[:calib_ids] != calib.view(-1).tolist():  # a prefix tokenizes as the whole text
+        raise DataError("the calibration half tokenizes differently when read further")
+    tail = (len(ids[:wanted]) - calib_ids) // seq_len
+    if tail < n_windows - len(fit) and not at_most:
+        available = (len(fit) + tail) * seq_len
+        raise DataError(
+            f"the calibration half has {available} healing tokens (without the validation "
+            f"windows), {n_tokens} asked for: use fewer --heal-tokens or a longer text"
+        )
+    rest = torch.tensor(ids[calib_ids : calib_ids + tail * seq_len], dtype=torch.long)
+    return torch.cat([fit, rest.view(tail, seq_len)])
 
 
 def hash_tokens(windows) -> str:
     return hashlib.sha256(windows.numpy().astype("<i8").tobytes()).hexdigest()
 
 
-def _check_disjoint(calib, evaluation) -> None:
+def _check_disjoint(calib, evaluation, judged="evaluation", judging="calibration") -> None:
     # The halves are disjoint by construction; also guard against repeated text producing
     # identical windows on both sides (which would leak evaluation into calibration).
     calib_hashes = {hash_tokens(w[None]) for w in calib}
     shared = sum(hash_tokens(w[None]) in calib_hashes for w in evaluation)
     if shared:
-        raise DataError(f"{shared} evaluation window(s) also occur in calibration; use other text")
+        raise DataError(f"{shared} {judged} window(s) also occur in {judging}; use other text")

@@ -81,7 +81,11 @@ class Job:
             reset_peak(loaded.stack.device)
         return loaded
 
-    def windows(self, tokenizer, eval_tokens: int | None):
+    def windows(
+        self, tokenizer, eval_tokens: int | None, heal_tokens: int | None = None, heal_at_most=False
+    ):
+        """Token windows; healing windows beyond the fit windows only when heal_tokens is given
+        (linearize.data.build_windows)."""
         from linearize.data import build_windows
 
         with self.timed("data"), self.progress.stage("data", total=1):
@@ -92,6 +96,8 @@ class Job:
                 eval_tokens=eval_tokens,
                 seq_len=self.spec.seq_len,
                 validation_fraction=self.spec.validation_fraction,
+                heal_tokens=heal_tokens,
+                heal_at_most=heal_at_most,
             )
 
     # --- memory ---------------------------------------------------------------------------------

@@ -95,3 +95,57 @@ def test_crlf_newlines_read_like_python_text_mode(tmp_path):
     path = write(tmp_path, "crlf.txt", b"first line\r\nsecond line\r\n")
     with open(path) as handle:
         assert read_text(path).text == handle.read() == "first line\nsecond line\n"
+
+
+def healing(tmp_path, tokenizer, heal_tokens, **kw):
+    source = read_text(write(tmp_path, "t.txt", TEXT))
+    return build_windows(
+        tokenizer,
+        source,
+        calib_tokens=1024,
+        eval_tokens=512,
+        seq_len=128,
+        heal_tokens=heal_tokens,
+        **kw,
+    )
+
+
+def test_healing_windows_are_the_fit_windows_then_the_text_after_calibration(tmp_path, tokenizer):
+    windows = healing(tmp_path, tokenizer, heal_tokens=2048)
+    first_half, _ = split_halves(TEXT)
+    ids = tokenizer(first_half)["input_ids"]
+    assert windows.heal.shape == (16, 128)
+    assert torch.equal(windows.heal[:6], windows.fit)
+    assert windows.heal[6:].reshape(-1).tolist() == ids[1024 : 1024 + 10 * 128]
+    # Nothing the healing reads is a validation or evaluation window.
+    held_out = {tuple(w.tolist()) for w in torch.cat([windows.validation, windows.eval])}
+    assert not held_out & {tuple(w.tolist()) for w in windows.heal}
+    # The analysis windows are those of a run without healing text.
+    plain = healing(tmp_path, tokenizer, heal_tokens=None)
+    assert plain.heal is plain.fit
+    assert windows.calib_sha256 == plain.calib_sha256
+    assert torch.equal(windows.fit, plain.fit)
+
+
+def test_fewer_healing_tokens_than_the_fit_windows_heal_on_their_first_windows(tmp_path, tokenizer):
+    plain = healing(tmp_path, tokenizer, None)
+    assert torch.equal(healing(tmp_path, tokenizer, 256).heal, plain.fit[:2])
+    six = healing(tmp_path, tokenizer, 6 * 128)
+    assert six.heal is six.fit
+
+
+def test_more_healing_tokens_than_the_half_has_is_an_error_unless_at_most(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"has \d+ healing tokens .*10000000 asked for"):
+        healing(tmp_path, tokenizer, heal_tokens=10**7)
+    everything = healing(tmp_path, tokenizer, heal_tokens=10**7, heal_at_most=True)
+    first_half, _ = split_halves(TEXT)
+    n_half = len(tokenizer(first_half)["input_ids"])
+    assert len(everything.heal) == 6 + (n_half - 1024) // 128
+
+
+def test_healing_text_repeating_a_validation_window_is_refused(tmp_path, tokenizer):
+    source = read_text(write(tmp_path, "t.txt", "abcd" * 8000))
+    with pytest.raises(DataError, match="validation window"):
+        build_windows(
+            tokenizer, source, calib_tokens=256, eval_tokens=None, seq_len=64, heal_tokens=1024
+        )
