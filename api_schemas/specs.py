@@ -111,6 +111,13 @@ class CompressSpec(_JobBase):
     heal_steps: int | None = Field(
         None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."
     )
+    heal_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Healing text in tokens: the first N of the calibration half without its "
+        "validation windows (the fit windows, then the text after the calibration windows). "
+        "None: all of it, at most what the step cap can draw and what fits the memory budget.",
+    )
     use_cache: bool = Field(
         True, description="Reuse baseline perplexity and analysis of the same model and data."
     )
@@ -152,6 +159,18 @@ class CompressSpec(_JobBase):
                 raise ValueError("gate_task_retained needs tasks to run")
             if not 0 <= limit <= 1000:
                 raise ValueError(f"gate_task_retained {task}: {limit} is not a percentage")
+        return self
+
+    @model_validator(mode="after")
+    def _heal_tokens_fill_a_window(self) -> CompressSpec:
+        if self.heal_tokens is None:
+            return self
+        if self.heal_steps == 0:
+            raise ValueError("heal_tokens is the healing text, but heal_steps=0 turns healing off")
+        if self.heal_tokens < self.seq_len:
+            raise ValueError(
+                f"heal_tokens={self.heal_tokens} is less than one window of seq_len={self.seq_len}"
+            )
         return self
 
     @model_validator(mode="after")

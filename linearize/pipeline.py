@@ -32,6 +32,7 @@ ProgressSink = Callable[[ProgressEvent], None]
 RELOAD_TOLERANCE = 0.005  # reloaded vs in-memory validation perplexity, relative
 DEFAULT_HEAL_STEPS = 400
 DEFAULT_HEAL_SECONDS = 60.0
+HEAL_BATCH = 1  # windows per healing step (linearize.healing.heal's default)
 # Bytes a trained layer needs besides its weights: gradients and Adam's two moments.
 TRAINING_FACTOR = 4
 
@@ -183,7 +184,8 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     info_before = model_info(loaded)
     n_layers = num_layers(stack.model)
     _check_budget_early(spec, n_layers)
-    windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens)
+    text = healing_text(job, stack)
+    windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     whole = whole_model_measures(job, stack)
     if whole:
         with job.progress.stage("behaviour", total=1, message="original model"):
@@ -337,6 +339,39 @@ def healing_budget(spec) -> tuple[int, float] | None:
     return steps, spec.heal_seconds or DEFAULT_HEAL_SECONDS
 
 
+def healing_text(job: Job, stack) -> dict:
+    """job.windows' healing arguments: the spec's heal_tokens, else by default all of the
+    calibration half without its validation windows, bounded by
+    - the step cap: windows beyond steps x batch (one window per step) are never drawn;
+    - the memory budget: the teacher pass holds three caches of the healing windows (its
+      stream, the teacher's inputs and targets), which must fit half of what the planner has
+      free, so the default never spills (an explicit heal_tokens spills to disk instead).
+    Below the fit windows the default heals on the fit windows, as before heal_tokens."""
+    import math
+
+    spec = job.spec
+    budget = healing_budget(spec)
+    if budget is None:
+        return {}
+    if spec.heal_tokens is not None:
+        return {"heal_tokens": spec.heal_tokens}
+    seq_len = spec.seq_len
+    n_calib = spec.calib_tokens // seq_len
+    fit_tokens = (n_calib - max(1, math.ceil(spec.validation_fraction * n_calib))) * seq_len
+    per_token = 3 * stack.model.config.hidden_size * stack.dtype.itemsize
+    room = job.planner(stack).device_free // 2 // per_token
+    steps = budget[0] * HEAL_BATCH * seq_len
+    tokens = min(steps, room)
+    if tokens <= fit_tokens:
+        if room < steps:
+            job.notes.append(
+                "healing on the fit windows only: more healing text would not fit the memory "
+                "budget (pass --heal-tokens N to spill it to disk)"
+            )
+        return {}
+    return {"heal_tokens": tokens, "heal_at_most": True}
+
+
 def injection_point(spec, indices: list[int]) -> int:
     """The first position whose computation changes: the fold target or the first block."""
     first = min(indices)
@@ -435,11 +470,34 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
         end = min(max(e for _, e in spans) + max(teacher, 1) - 1, len(stack.layers) - 1)
     planner = job.planner(stack)
     sets = {"fit": windows.fit}
+    # The teacher comes with the fit pass when healing reads the fit windows, else from a pass
+    # of its own over the healing windows (the statistics stay those of the fit windows).
+    joint = start is not None and windows.heal is windows.fit
     with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
         stats, t_in, t_out = fit_pass(
-            stack, planner, spans, fmt, windows.fit, teacher_start=start, teacher_end=end, stage=st
+            stack,
+            planner,
+            spans,
+            fmt,
+            windows.fit,
+            teacher_start=start if joint else None,
+            teacher_end=end,
+            stage=st,
         )
         maps = fit_spans(stack.model, stats, fmt=fmt)
+    if start is not None and not joint:
+        heal_sets = {"heal": windows.heal}
+        with job.timed("teacher"), job.pass_stage("teacher", stack, heal_sets) as st:
+            _, t_in, t_out = fit_pass(
+                stack,
+                planner,
+                [],
+                fmt,
+                windows.heal,
+                teacher_start=start,
+                teacher_end=end,
+                stage=st,
+            )
     with job.timed("surgery"), job.progress.stage("surgery", total=1):
         carriers = apply_maps(stack, spans, maps, fmt)
     if teacher is None:
@@ -494,7 +552,7 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         result = distil(
             stack,
             teacher,
-            windows.fit,
+            windows.heal,
             params,
             last=last,
             max_steps=max_steps,
@@ -523,6 +581,14 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         "segment": [teacher.start, last],  # positions the distillation runs through
         "neighbour_layers": neighbours,
         "trained_parameters": sum(p.numel() for p in params),
+        "heal_tokens": windows.count("heal"),
+        "heal_windows": len(windows.heal),
+        "heal_text": (
+            "the fit windows"
+            if windows.heal is windows.fit
+            else "the fit windows, then the calibration half after the calibration windows"
+        ),
+        "teacher_cache": teacher.inputs.place,  # device | host | disk
     }
     return eval_before, info
 

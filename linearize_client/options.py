@@ -19,6 +19,7 @@ PLAIN_FIELDS = (
     "format",
     "heal_steps",
     "heal_seconds",
+    "heal_tokens",
     "gate_ppl_increase",
     "gate_kl",
     "gate_agreement",
@@ -49,6 +50,14 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
     )
     p.add_argument(
         "--heal-seconds", type=float, metavar="S", help="healing time budget; default 60 s"
+    )
+    p.add_argument(
+        "--heal-tokens",
+        type=int,
+        metavar="N",
+        help="healing text: the first N tokens of the calibration half without the validation "
+        "windows; default all of it, at most steps x seq-len tokens and what fits the memory "
+        "budget",
     )
     p.add_argument(
         "--tasks",

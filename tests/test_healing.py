@@ -135,3 +135,40 @@ def test_decayed_healing_moves_the_weights_less_late_than_early():
             LayerStack.of(model), cache, ids, [carrier], last=5, max_steps=1, max_seconds=60,
             decay=1.5,
         )  # fmt: skip
+
+
+def test_teacher_states_of_many_healing_windows_spill_to_disk_heal_the_same_and_are_removed(
+    tmp_path,
+):
+    from linearize.activations import CachePlanner, Spill
+    from linearize.fitting import fit_pass
+
+    ids = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(2))
+    model = build_tiny_model("llama", initializer_range=0.2)
+    stack = LayerStack.of(model)
+    in_memory = capture_teacher(model, ids, start=2)
+    one_cache = 24 * 16 * 32 * 4  # windows x seq_len x hidden x float32
+    with Spill(parent=tmp_path) as spill:
+        # A budget smaller than one cache: the teacher's states go to files, read with pread.
+        planner = CachePlanner(stack.device, one_cache - 1, spill)
+        _, inputs, targets = fit_pass(stack, planner, [], "standard", ids, teacher_start=2)
+        assert inputs.place == targets.place == "disk"
+        files = list(spill.directory().iterdir())
+        assert len(files) == 2 and all(f.stat().st_size == one_cache for f in files)
+        assert torch.equal(inputs[0:24], in_memory.inputs[0:24])
+        assert torch.equal(targets[0:24], in_memory.targets[0:24])
+
+        def healed(teacher):
+            trial = build_tiny_model("llama", initializer_range=0.2)
+            trial.load_state_dict(model.state_dict())
+            weight = decoder_layers(trial)[2].mlp.down_proj.weight
+            with torch.no_grad():
+                weight.mul_(0.5)
+            heal(trial, teacher, ids, [weight], max_steps=5, max_seconds=60, lr=1e-2)
+            return weight.detach().clone()
+
+        spilled = type(in_memory)(2, inputs, targets, "final")
+        assert torch.equal(healed(spilled), healed(in_memory))  # the same draws, the same steps
+        planner.release(inputs)
+        planner.release(targets)
+        assert not any(spill.directory().iterdir())

@@ -8,7 +8,7 @@ from linearize_client.options import compress_fields, parse_task_gates
 
 OPTIONS = [
     "--layers", "3", "--eval-tokens", "1024", "--format", "linear", "--heal-steps", "7",
-    "--heal-seconds", "9", "--tasks", "arc_easy,hellaswag", "--generation-prompts", "4",
+    "--heal-seconds", "9", "--heal-tokens", "65536", "--tasks", "arc_easy,hellaswag", "--generation-prompts", "4",
     "--gate-ppl-increase", "30", "--gate-kl", "0.5", "--gate-agreement", "70",
     "--gate-task-retained", "90", "--gate-task-retained", "hellaswag:95",
 ]  # fmt: skip
@@ -26,6 +26,7 @@ def test_compress_and_submit_build_the_same_compress_spec():
     ignore = {"data", "calib_tokens", "seq_len", "dtype", "device", "seed"}
     assert local_spec.model_dump(exclude=ignore) == remote_spec.model_dump(exclude=ignore)
     assert remote_spec.heal_steps == 7 and remote_spec.heal_seconds == 9
+    assert local_spec.heal_tokens == remote_spec.heal_tokens == 65536
     assert remote_spec.gate_task_retained == {"*": 90.0, "hellaswag": 95.0}
 
 

@@ -230,3 +230,59 @@ def test_second_run_reuses_baseline_and_analysis_from_the_cache(
     )
     assert "analyze" in fresh.timings
     assert fresh.perplexity.compressed == pytest.approx(second.perplexity.compressed, rel=1e-6)
+
+
+def test_heal_tokens_beyond_the_fit_windows_heal_on_more_windows_and_the_report_says_so(
+    tiny_llama, data, tmp_path
+):
+    report = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, heal_tokens=4096), output_dir=tmp_path / "o"
+    )
+    healing = report.selection["healing"]
+    fit_windows = report.data.calib_windows - report.data.validation_windows
+    assert fit_windows == 12
+    assert healing["heal_windows"] == 32 and healing["heal_tokens"] == 32 * 128
+    assert healing["heal_text"].endswith("after the calibration windows")
+    assert "teacher" in report.timings  # the teacher's own pass over the healing windows
+    assert report.data.calib_tokens == 2048  # the analysis and the fit saw calibration only
+
+
+def test_default_healing_text_is_what_the_step_cap_can_draw(tiny_llama, data, tmp_path):
+    report = pipeline.run(compress_spec(tiny_llama, data, layers=2), output_dir=tmp_path / "o")
+    healing = report.selection["healing"]
+    assert healing["steps"] == 20
+    assert healing["heal_windows"] == 20 and healing["heal_tokens"] == 20 * 128
+    assert healing["teacher_cache"] == "device"
+
+
+def test_healing_text_over_the_memory_budget_spills_and_is_removed(tiny_llama, data, tmp_path):
+    from linearize import cache
+
+    spill = cache.cache_dir() / "spill"
+    report = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, heal_tokens=8192, memory_budget="1MB"),
+        output_dir=tmp_path / "o",
+    )
+    healing = report.selection["healing"]
+    assert healing["heal_windows"] == 64 and healing["teacher_cache"] == "disk"
+    assert report.execution.spilled_caches >= 2
+    assert not spill.exists() or not any(spill.rglob("*.bin")), "spill files left behind"
+    # The default under the same budget keeps the teacher off the disk: the fit windows.
+    default = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, memory_budget="1MB"), output_dir=tmp_path / "d"
+    )
+    assert default.selection["healing"]["heal_windows"] == 12
+    assert any("would not fit the memory budget" in note for note in default.notes)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(heal_tokens=0), "greater than or equal to 1"),
+        (dict(heal_tokens=100), "less than one window of seq_len=128"),
+        (dict(heal_tokens=4096, heal_steps=0), "heal_steps=0 turns healing off"),
+    ],
+)
+def test_bad_heal_tokens_are_refused_by_the_spec(data, settings, message):
+    with pytest.raises(ValueError, match=message):
+        CompressSpec(model="m", data=data, layers=2, seq_len=128, **settings)
