@@ -51,10 +51,11 @@ class BenchJob:
         """Fit and apply the maps in place; the carriers' parameters."""
         return pipeline.replace(self.job, LayerStack.of(model), windows, indices)
 
-    def capture_teacher(self, model, windows, indices) -> TeacherCache:
-        """The teacher at the injection point with its final hidden states, as plain tensors."""
+    def capture_teacher(self, model, windows, indices, ids=None) -> TeacherCache:
+        """The teacher at the injection point with its final hidden states, as plain tensors,
+        on `ids` (default: the fit windows)."""
         start = pipeline.injection_point(self.spec, indices)
-        cache = capture_teacher(model, windows.fit, start)
+        cache = capture_teacher(model, windows.fit if ids is None else ids, start)
         return TeacherCache(start, cache.inputs.data, cache.targets.data, cache.kind)
 
     def close(self) -> None:
