@@ -33,6 +33,9 @@ RELOAD_TOLERANCE = 0.005  # reloaded vs in-memory validation perplexity, relativ
 DEFAULT_HEAL_STEPS = 400
 DEFAULT_HEAL_SECONDS = 60.0
 HEAL_BATCH = 1  # windows per healing step (linearize.healing.heal's default)
+# The default healing text at most: at 140 steps (k = 4) 64k tokens healed as well as 128k
+# (BENCHMARKS.md, issue 16), and their teacher pass is twice the analysis pass's 32k tokens.
+DEFAULT_HEAL_TOKENS = 65536
 # Bytes a trained layer needs besides its weights: gradients and Adam's two moments.
 TRAINING_FACTOR = 4
 
@@ -184,7 +187,8 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     info_before = model_info(loaded)
     n_layers = num_layers(stack.model)
     _check_budget_early(spec, n_layers)
-    windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens)
+    text = healing_text(job, stack)
+    windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     whole = whole_model_measures(job, stack)
     if whole:
         with job.progress.stage("behaviour", total=1, message="original model"):
@@ -192,9 +196,6 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
         job, stack, windows, tokenizer, behaviour
     )
-    text = healing_text(job, stack, windows.count("eval") / max(eval_seconds, 1e-9))
-    if text:  # the same calibration and evaluation windows, with the healing windows
-        windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
@@ -341,17 +342,15 @@ def healing_budget(spec) -> tuple[int, float] | None:
     return steps, spec.heal_seconds or DEFAULT_HEAL_SECONDS
 
 
-def healing_text(job: Job, stack, tokens_per_s: float) -> dict:
+def healing_text(job: Job, stack) -> dict:
     """job.windows' healing arguments: the spec's heal_tokens, else by default all of the
     calibration half without its validation windows, bounded by
     - the step cap: windows beyond steps x batch (one window per step) are never drawn;
-    - the time budget: the teacher's pass over the healing windows takes at most about the
-      healing's own time budget, at `tokens_per_s` (the evaluation windows' forward speed); a
-      healing step (forward and backward) costs more than a window's forward, so the steps that
-      fit the time budget draw no more windows than this either;
     - the memory budget: the teacher pass holds three caches of the healing windows (its
       stream, the teacher's inputs and targets), which must fit half of what the planner has
       free, so the default never spills (an explicit heal_tokens spills to disk instead).
+    - DEFAULT_HEAL_TOKENS, a time bound counted in tokens rather than seconds, so the healing
+      text, like the result, does not depend on the host's speed or load (BENCHMARKS.md).
     Below the fit windows the default heals on the fit windows, as before heal_tokens."""
     import math
 
@@ -367,10 +366,9 @@ def healing_text(job: Job, stack, tokens_per_s: float) -> dict:
     per_token = 3 * stack.model.config.hidden_size * stack.dtype.itemsize
     room = job.planner(stack).device_free // 2 // per_token
     steps = budget[0] * HEAL_BATCH * seq_len
-    seconds = int(budget[1] * tokens_per_s)
-    tokens = min(steps, seconds, room)
+    tokens = min(steps, DEFAULT_HEAL_TOKENS, room)
     if tokens <= fit_tokens:
-        if room < min(steps, seconds):
+        if room < min(steps, DEFAULT_HEAL_TOKENS):
             job.notes.append(
                 "healing on the fit windows only: more healing text would not fit the memory "
                 "budget (pass --heal-tokens N to spill it to disk)"

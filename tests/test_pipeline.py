@@ -288,25 +288,26 @@ def test_bad_heal_tokens_are_refused_by_the_spec(data, settings, message):
         CompressSpec(model="m", data=data, layers=2, seq_len=128, **settings)
 
 
-def test_default_healing_text_is_bounded_by_steps_time_and_memory(data):
+def test_default_healing_text_is_bounded_by_steps_a_token_cap_and_memory(data):
     from types import SimpleNamespace
 
-    spec = compress_spec("m", data, layers=2, heal_steps=100, heal_seconds=10)
     stack = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(hidden_size=32)))
     stack.dtype = torch.float32
     per_token = 3 * 32 * 4  # the teacher pass's three caches, float32
 
-    def text(tokens_per_s, free=1 << 40):
+    def text(steps, free=1 << 40):
+        spec = compress_spec("m", data, layers=2, heal_steps=steps)
         planner = SimpleNamespace(device_free=free)
         job = SimpleNamespace(spec=spec, notes=[], planner=lambda _stack: planner)
-        return pipeline.healing_text(job, stack, tokens_per_s), job.notes
+        return pipeline.healing_text(job, stack), job.notes
 
-    assert text(1e9)[0] == {"heal_tokens": 100 * 128, "heal_at_most": True}  # the step cap
-    assert text(500.0)[0] == {"heal_tokens": 5000, "heal_at_most": True}  # 10 s of forwards
-    assert text(1e9, free=2 * per_token * 4000)[0]["heal_tokens"] == 4000  # half the room
-    fit_only, notes = text(1e9, free=2 * per_token * 1000)  # less than the 12 fit windows
+    assert text(100)[0] == {"heal_tokens": 100 * 128, "heal_at_most": True}  # the step cap
+    cap = pipeline.DEFAULT_HEAL_TOKENS
+    assert text(10_000)[0] == {"heal_tokens": cap, "heal_at_most": True}
+    assert text(100, free=2 * per_token * 4000)[0]["heal_tokens"] == 4000  # half the room
+    fit_only, notes = text(100, free=2 * per_token * 1000)  # less than the 12 fit windows
     assert fit_only == {} and "would not fit the memory budget" in notes[0]
-    assert text(100.0) == ({}, [])  # slow: the fit windows, no note
+    assert text(10) == ({}, [])  # 10 steps draw fewer windows than the fit windows: no note
     explicit = compress_spec("m", data, layers=2, heal_tokens=8192)
     job = SimpleNamespace(spec=explicit, notes=[])
-    assert pipeline.healing_text(job, stack, 1.0) == {"heal_tokens": 8192}
+    assert pipeline.healing_text(job, stack) == {"heal_tokens": 8192}
