@@ -70,9 +70,8 @@ class LayerStack:
     # --- placement -------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
-        global _MALLOC_TRIM
-        if self.weights is not None and _MALLOC_TRIM is None:
-            _MALLOC_TRIM = _libc_malloc_trim()
+        if self.weights is not None:
+            tune_host_allocator()
 
     @property
     def streamed(self) -> bool:
@@ -90,6 +89,8 @@ class LayerStack:
         """Layer `index` with its weights on the device (read from the shards if streamed)."""
         layer = self.layers[index]
         if self.streamed:
+            if _has_meta(layer) and layer_source(layer) is None:
+                raise RuntimeError(f"layer {index} was dropped; this stack cannot run any more")
             if _has_meta(layer):  # first use, or released: read it (again) from the shards
                 load_module(layer, layer_source(layer), self.weights, self.device, self.dtype)
             else:  # a kept layer waiting in host memory
@@ -103,6 +104,18 @@ class LayerStack:
         if is_kept(layer):
             layer.to("cpu")  # a changed layer is never re-read: it waits in host memory
         else:
+            layer.to("meta")
+        return_freed_memory()
+
+    def drop(self) -> None:
+        """Free every layer, the kept ones too: for a streamed job whose checkpoint is written,
+        so that the reloaded checkpoint is measured without this copy's changed layers. The
+        stack cannot run afterwards."""
+        if not self.streamed:
+            return
+        for layer in self.layers:
+            layer._linearize_kept = False
+            layer._linearize_source = None  # nothing to re-read it from: `prepare` refuses
             layer.to("meta")
         return_freed_memory()
 
@@ -223,6 +236,8 @@ class LayerStack:
                 for name, stream in streams.items():
                     self._run_stream(index, layer, name, stream, visitor, on_batch)
                     _visit(visitor, "stream_end", index, name)
+                    if self.streamed:  # the statistics a stream end reduces leave heap holes
+                        return_freed_memory()
                 _visit(visitor, "layer_end", index, layer)
 
     def _run_stream(self, index, layer, name, stream, visitor, on_batch) -> None:
@@ -312,21 +327,44 @@ def return_freed_memory() -> None:
     A released layer's tensors are a few MB each; glibc serves such sizes from its heap once its
     mmap threshold has grown, and keeps freed heap pages, so without this the resident set grew
     with every layer a streamed pass read (+160 MB from 8 to 16 layers at d = 1024)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _GLIBC:
+        _GLIBC.malloc_trim(0)
 
 
-def _libc_malloc_trim():
+# glibc's mallopt parameters (malloc.h) and the values a streamed job sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STREAMED_MMAP_THRESHOLD = 256 * 1024
+
+
+def tune_host_allocator() -> None:
+    """Once per process, before a streamed job: fixed glibc mmap and trim thresholds.
+
+    glibc raises its mmap threshold to the size of the largest block freed (up to 32 MB), after
+    which a layer's tensors and each batch's activations come from heaps that keep freed pages
+    per thread arena. Fixing the thresholds (which also turns the raise off) gives blocks from
+    256 kB up their own mapping, returned on free: the analysis pass of a 400 MB model under a
+    100 MB budget peaked at 622 MiB instead of 736-798 (bench/RESULTS.md)."""
+    global _GLIBC
+    if _GLIBC is None:
+        _GLIBC = _load_glibc() or False
+        if _GLIBC:
+            _GLIBC.mallopt(_M_MMAP_THRESHOLD, STREAMED_MMAP_THRESHOLD)
+            _GLIBC.mallopt(_M_TRIM_THRESHOLD, STREAMED_MMAP_THRESHOLD)
+
+
+def _load_glibc():
     import ctypes
     import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018  (not glibc: macOS, musl)
+    except (OSError, AttributeError):
         return None
+    return libc
 
 
-_MALLOC_TRIM = None
+_GLIBC = None  # the C library once a streamed stack asked for it; False where it is not glibc
 
 
 def is_kept(module: nn.Module) -> bool:
