@@ -647,6 +647,7 @@ def save_and_verify(
             force=force,
             shard_size=shard_size(job.placement),
         )
+    stack.drop()  # streamed: the checkpoint now holds the changed layers; measure the reload
     with staged:  # discarded unless published
         with job.timed("verify"):
             reloaded = job.load(str(staged.path)).stack
