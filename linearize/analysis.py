@@ -96,9 +96,10 @@ class LayerAnalysis:
 
     def stream_end(self, index, name) -> None:
         if name == "fit":
-            self.row = {"index": index, **summarize_pair(self.stats)}
-            self.map = fit_affine(self.stats.centered(), ridge=DEFAULT_RIDGE, bias=True)
+            centered = self.stats.centered()
+            self.row = {"index": index, **summarize_pair(self.stats, centered)}
             self.stats = None  # the d x d statistics of this layer are not needed any more
+            self.map = fit_affine(centered, ridge=DEFAULT_RIDGE, bias=True)
 
     def layer_end(self, index, layer) -> None:
         residual = torch.cat(self.val_rows)

@@ -60,9 +60,7 @@ def intrinsic_dimension_twonn(points: torch.Tensor, discard_fraction: float = 0.
     """
     # Identical points (e.g. the same token at layer 0) have no defined neighbour ratio.
     x = torch.unique(points.double(), dim=0)
-    dist = torch.cdist(x, x)
-    dist.fill_diagonal_(float("inf"))
-    r = dist.topk(2, dim=1, largest=False).values  # (n, 2): r1, r2
+    r = _two_nearest_distances(x)  # (n, 2): r1, r2
     valid = r[:, 0] > 0  # duplicates give r1 = 0
     mu = (r[valid, 1] / r[valid, 0]).sort().values
     n = mu.numel()
@@ -73,9 +71,22 @@ def intrinsic_dimension_twonn(points: torch.Tensor, discard_fraction: float = 0.
     return float((log_mu @ target) / (log_mu @ log_mu))
 
 
-def summarize_pair(stats: PairStats) -> dict:
-    """The score fields of one layer from its streamed statistics."""
-    centered = stats.centered()
+def _two_nearest_distances(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """(n, 2) distances of each row to its nearest and second-nearest other row, a block of
+    rows at a time: the (n, n) distance matrix of a 2048-point reservoir is 32 MB in float64."""
+    nearest = []
+    for start in range(0, len(x), block):
+        dist = torch.cdist(x[start : start + block], x)  # (block, n)
+        rows = torch.arange(dist.shape[0])
+        dist[rows, rows + start] = float("inf")  # a point is not its own neighbour
+        nearest.append(dist.topk(2, dim=1, largest=False).values)
+    return torch.cat(nearest)
+
+
+def summarize_pair(stats: PairStats, centered: CenteredStats | None = None) -> dict:
+    """The score fields of one layer from its streamed statistics (`centered`: its centred
+    form, when the caller has it already)."""
+    centered = stats.centered() if centered is None else centered
     return {
         "score": linearity_score(centered),
         "score_without_residual": linearity_score_without_residual(centered),
