@@ -23,6 +23,7 @@ from stack_helpers import (
     tiny_spec,
     wait_until,
 )
+from tiny_models import save_tiny_model
 
 HEAVY = {"calib_tokens": 32768, "eval_tokens": 32768, "seq_len": 64}
 PREFIX = "artifacts"
@@ -202,13 +203,16 @@ def test_worker_killed_during_upload_is_retried_elsewhere_and_nothing_partial_is
     try:
         stack.start_api()
         # Host A uploads slowly (a capped link), so the kill lands mid-upload: once the small
-        # files before it are up, the weights shard takes minutes at 10 kB/s. Waiting for
-        # "some file is up" instead raced the last small files on a fast host (CI, stop 17).
+        # files before it are up, the weights shard takes minutes at 10 kB/s. It must be well
+        # over 256 kB, which s3transfer sends before its bandwidth limit starts: the tiny
+        # model's ~200 kB went at full speed, and the test raced the upload (CI, stop 17).
+        save_tiny_model("llama", model_root / "wide-llama", hidden_size=128, intermediate_size=512)
         slow = stack.start_worker(
             env={**_host(stack, "host-a"), "LINEARIZE_S3_MAX_BANDWIDTH_MB_S": "0.01"}
         )
         with stack.client() as client:
-            job = client.submit(tiny_spec(client.upload_dataset(text_file).id))
+            spec = tiny_spec(client.upload_dataset(text_file).id, model="wide-llama")
+            job = client.submit(spec)
 
             def uploading_weights():
                 events = client.events(job.id, limit=1000).items
