@@ -110,6 +110,7 @@ def test_serve_compresses_the_bundled_model_on_redis(tmp_path, shared_redis):
                 "eval_tokens": 2048,
                 "seq_len": 512,
                 "format": "standard",
+                "heal_tokens": 1536,  # the fit windows: no minute-long teacher pass over 64k
             }
             too_many = http.post("/v1/jobs", json={**body, "layers": 40}, headers=auth)
             assert too_many.status_code == 422 and "at most L - 2 = 28" in too_many.text
