@@ -73,6 +73,8 @@ class SpanFit:
     def __init__(self, stack, planner, spans, fmt, ids, *, teacher_start=None, teacher_end=None):
         from linearize.architectures import get_architecture
 
+        if teacher_start is None and teacher_end is not None:
+            raise ValueError("teacher_end without teacher_start: no teacher to collect")
         self.stack, self.planner, self.spans, self.fmt = stack, planner, spans, fmt
         d = stack.model.config.hidden_size
         self.stats = {span: PairStats(d, d, extras=False) for span in spans}

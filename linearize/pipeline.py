@@ -486,7 +486,7 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
             fmt,
             windows.fit,
             teacher_start=start if joint else None,
-            teacher_end=end,
+            teacher_end=end if joint else None,
             stage=st,
         )
         maps = fit_spans(stack.model, stats, fmt=fmt)

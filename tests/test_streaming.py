@@ -88,6 +88,17 @@ def test_a_budget_that_trains_no_neighbour_heals_the_fold_target_against_the_spa
     assert healing["segment"] == [target, target]
 
 
+def test_a_streamed_heal_on_more_than_the_fit_windows_runs_its_own_teacher_pass(
+    sharded_llama, data, tmp_path
+):
+    streamed = compress(sharded_llama, data, tmp_path / "s", streaming="on", heal_tokens=4096)
+    healing = streamed.selection["healing"]
+    assert streamed.execution.mode == "streamed"
+    assert healing["heal_tokens"] == 4096 and healing["heal_windows"] == 32
+    assert healing["loss"].startswith("MSE of the hidden states") and healing["steps"] == 10
+    assert "teacher" in streamed.timings
+
+
 def test_a_changed_layer_is_kept_in_memory_and_written_not_reread(sharded_llama, tmp_path):
     from linearize.checkpoint import write_model
     from linearize.placement import open_stack
