@@ -20,7 +20,13 @@ import torch
 
 from linearize.capture import PairStats, accumulation_dtype, reservoir_positions
 from linearize.fitting import DEFAULT_RIDGE, fit_affine
-from linearize.linearity import intrinsic_dimension_twonn, summarize_pair, top_share, trigger_tokens
+from linearize.linearity import (
+    GramSpectrum,
+    intrinsic_dimension_twonn,
+    summarize_pair,
+    top_share,
+    trigger_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +102,12 @@ class LayerAnalysis:
 
     def stream_end(self, index, name) -> None:
         if name == "fit":
-            centered = self.stats.centered()
-            self.row = {"index": index, **summarize_pair(self.stats, centered)}
+            # One eigendecomposition of G serves both scores, the anisotropy and the map.
+            centered = self.stats.centered(consume=True)
+            spectrum = GramSpectrum.of(centered.gram)
+            self.row = {"index": index, **summarize_pair(self.stats, centered, spectrum)}
             self.stats = None  # the d x d statistics of this layer are not needed any more
-            self.map = fit_affine(centered, ridge=DEFAULT_RIDGE, bias=True)
+            self.map = fit_affine(centered, ridge=DEFAULT_RIDGE, bias=True, spectrum=spectrum)
 
     def layer_end(self, index, layer) -> None:
         residual = torch.cat(self.val_rows)

@@ -182,13 +182,22 @@ class PairStats:
         self.n += other.n
         self.extra_sums += other.extra_sums.to(self.extra_sums.device)
 
-    def centered(self) -> CenteredStats:
-        """Means and centred cross-products, all float64 on the CPU."""
+    def centered(self, consume: bool = False) -> CenteredStats:
+        """Means and centred cross-products, all float64 on the CPU.
+
+        consume=True centres the accumulators in place instead of copying them (two d x d
+        float64 matrices less at the peak; for the streamed analysis of a large model) and
+        leaves these statistics unusable."""
         n = self.n
         mx_s = self.sum_x / n  # mean of the shifted rows
         my_s = self.sum_y / n
-        gram = self.xx - n * torch.outer(mx_s, mx_s)  # Xc^T Xc
-        cross = self.xy - n * torch.outer(mx_s, my_s)  # Xc^T Yc
+        if consume:
+            gram = self.xx.addr_(mx_s, mx_s, alpha=-n)  # Xc^T Xc
+            cross = self.xy.addr_(mx_s, my_s, alpha=-n)  # Xc^T Yc
+            self.xx = self.xy = None
+        else:
+            gram = torch.addr(self.xx, mx_s, mx_s, alpha=-n)
+            cross = torch.addr(self.xy, mx_s, my_s, alpha=-n)
         y_var = float((self.yy_diag - n * my_s * my_s).sum())  # ||Yc||_F^2
         return CenteredStats(
             n=n,

@@ -16,24 +16,45 @@ from linearize.surgery import AffineMap
 DEFAULT_RIDGE = 1e-4
 
 
+def ridge_jitter(gram: torch.Tensor, ridge: float) -> float:
+    """lam = ridge * tr(G) / d, at least a vanishing 1e-12 * tr(G) / d: that keeps Cholesky
+    alive for a rank-deficient G when ridge == 0."""
+    mean_eigenvalue = float(torch.trace(gram)) / gram.shape[0]
+    return max(ridge, 1e-12) * mean_eigenvalue
+
+
 def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
     """(G + lam I)^-1 C in float64 via Cholesky, with lam relative to the mean eigenvalue."""
     gram = gram.double()
     d = gram.shape[0]
-    lam = ridge * float(torch.trace(gram)) / d
     eye = torch.eye(d, dtype=torch.float64, device=gram.device)
-    # A vanishing jitter keeps Cholesky alive for rank-deficient G when ridge == 0.
-    jitter = max(lam, 1e-12 * float(torch.trace(gram)) / d)
+    jitter = ridge_jitter(gram, ridge)
     factor, info = torch.linalg.cholesky_ex(gram + jitter * eye)
     if int(info) != 0:
         return torch.linalg.lstsq(gram + jitter * eye, cross.double()).solution
     return torch.cholesky_solve(cross.double(), factor)
 
 
-def fit_affine(stats: CenteredStats, ridge: float = DEFAULT_RIDGE, bias: bool = True) -> AffineMap:
-    """Affine least-squares map y ~ x A + b (bias=False fits y ~ x A through the origin)."""
+def solve_ridge_spectral(cross: torch.Tensor, spectrum, lam: float) -> torch.Tensor:
+    """(G + lam I)^-1 C = V diag(1 / (e + lam)) V^T C from G's eigendecomposition (the
+    analysis has it already); eigenvalues that rounding made negative count as 0."""
+    scale = 1 / (spectrum.evals.clamp_min(0) + lam)
+    projected = spectrum.evecs.T @ cross.double()
+    return spectrum.evecs @ projected.mul_(scale[:, None])
+
+
+def fit_affine(
+    stats: CenteredStats, ridge: float = DEFAULT_RIDGE, bias: bool = True, spectrum=None
+) -> AffineMap:
+    """Affine least-squares map y ~ x A + b (bias=False fits y ~ x A through the origin).
+
+    `spectrum` (linearize.linearity.GramSpectrum of stats.gram) solves through the
+    eigendecomposition instead of a Cholesky factor: the same map to rounding."""
     if bias:
-        weight = solve_ridge(stats.gram, stats.cross, ridge)
+        if spectrum is None:
+            weight = solve_ridge(stats.gram, stats.cross, ridge)
+        else:
+            weight = solve_ridge_spectral(stats.cross, spectrum, ridge_jitter(stats.gram, ridge))
         offset = stats.mean_y - stats.mean_x @ weight
         return AffineMap(weight=weight, bias=offset)
     # Uncentred normal equations: X^T X = G + n mx mx^T, X^T Y = C + n mx my^T.

@@ -10,6 +10,7 @@ Formulas follow METHODS.md. With G = Xc^T Xc, C = Xc^T Yc:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -19,35 +20,72 @@ from linearize.capture import CenteredStats, PairStats
 PINV_RCOND = 1e-10
 
 
-def explained_fraction(gram: torch.Tensor, cross: torch.Tensor, y_sq: float) -> float:
+@dataclass(frozen=True)
+class GramSpectrum:
+    """G = V diag(e) V^T, computed once per layer: both scores, the anisotropy and the
+    analysis map need it, and a float64 eigendecomposition is the analysis's costliest step
+    (minutes per layer at d = 8192 on a CPU)."""
+
+    evals: torch.Tensor  # (d,) ascending
+    evecs: torch.Tensor  # (d, d), columns are eigenvectors
+
+    @classmethod
+    def of(cls, gram: torch.Tensor) -> GramSpectrum:
+        evals, evecs = torch.linalg.eigh(gram.double())
+        return cls(evals, evecs)
+
+    def inverse_on_range(self) -> torch.Tensor:
+        """1 / e for the eigenvalues kept by PINV_RCOND, 0 for the rest (the G^+ diagonal)."""
+        keep = self.evals > PINV_RCOND * self.evals.max().clamp_min(1e-300)
+        return torch.where(keep, 1 / self.evals, torch.zeros_like(self.evals))
+
+
+def explained_fraction(
+    gram: torch.Tensor, cross: torch.Tensor, y_sq: float, spectrum: GramSpectrum | None = None
+) -> float:
     """tr(C^T G^+ C) / ||Yc||^2, with a relative eigenvalue cutoff for rank deficiency.
 
     A constant target (||Yc|| = 0, e.g. the update of an identity layer) is trivially linear: 1.
     """
-    if y_sq <= 1e-12 * max(float(torch.trace(gram)), 1e-300):
+    if _constant_target(gram, y_sq):
         return 1.0
-    evals, evecs = torch.linalg.eigh(gram.double())
-    keep = evals > PINV_RCOND * evals.max().clamp_min(1e-300)
-    projected = evecs[:, keep].T @ cross.double()  # (r, d_out)
-    explained = float((projected.pow(2).sum(1) / evals[keep]).sum())
+    spectrum = GramSpectrum.of(gram) if spectrum is None else spectrum
+    projected = spectrum.evecs.T @ cross.double()  # (d, d_out): C in G's eigenbasis
+    return _explained(projected, spectrum, y_sq)
+
+
+def _constant_target(gram: torch.Tensor, y_sq: float) -> bool:
+    return y_sq <= 1e-12 * max(float(torch.trace(gram)), 1e-300)
+
+
+def _explained(projected: torch.Tensor, spectrum: GramSpectrum, y_sq: float) -> float:
+    """tr(P^T diag(1/e) P) / y_sq for P = V^T C; squares P in place (the caller's copy)."""
+    explained = float(projected.square_().sum(1) @ spectrum.inverse_on_range())
     return explained / y_sq
 
 
-def linearity_score(stats: CenteredStats) -> float:
+def linearity_score(stats: CenteredStats, spectrum: GramSpectrum | None = None) -> float:
     """The paper's score between a layer's input and output (residual included)."""
-    return explained_fraction(stats.gram, stats.cross, stats.y_sq)
+    return explained_fraction(stats.gram, stats.cross, stats.y_sq, spectrum)
 
 
-def linearity_score_without_residual(stats: CenteredStats) -> float:
-    """The same score for the block's update Y - X."""
-    cross = stats.cross - stats.gram
-    y_sq = stats.y_sq - 2 * float(torch.trace(stats.cross)) + float(torch.trace(stats.gram))
-    return explained_fraction(stats.gram, cross, y_sq)
+def update_target_sq(stats: CenteredStats) -> float:
+    """||Yc - Xc||^2 = ||Yc||^2 - 2 tr(C) + tr(G)."""
+    return stats.y_sq - 2 * float(torch.trace(stats.cross)) + float(torch.trace(stats.gram))
 
 
-def anisotropy(gram: torch.Tensor) -> float:
+def linearity_score_without_residual(
+    stats: CenteredStats, spectrum: GramSpectrum | None = None
+) -> float:
+    """The same score for the block's update Y - X (cross-products C - G)."""
+    return explained_fraction(
+        stats.gram, stats.cross - stats.gram, update_target_sq(stats), spectrum
+    )
+
+
+def anisotropy(gram: torch.Tensor, spectrum: GramSpectrum | None = None) -> float:
     """Largest covariance eigenvalue over the sum of eigenvalues (1/d isotropic .. 1 one direction)."""
-    evals = torch.linalg.eigvalsh(gram.double())
+    evals = torch.linalg.eigvalsh(gram.double()) if spectrum is None else spectrum.evals
     return float(evals[-1] / evals.clamp_min(0).sum())
 
 
@@ -83,16 +121,35 @@ def _two_nearest_distances(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     return torch.cat(nearest)
 
 
-def summarize_pair(stats: PairStats, centered: CenteredStats | None = None) -> dict:
-    """The score fields of one layer from its streamed statistics (`centered`: its centred
-    form, when the caller has it already)."""
+def summarize_pair(
+    stats: PairStats, centered: CenteredStats | None = None, spectrum: GramSpectrum | None = None
+) -> dict:
+    """The score fields of one layer from its streamed statistics (`centered`, `spectrum`: its
+    centred form and the eigendecomposition of its Gram, when the caller has them already)."""
     centered = stats.centered() if centered is None else centered
+    spectrum = GramSpectrum.of(centered.gram) if spectrum is None else spectrum
     return {
-        "score": linearity_score(centered),
-        "score_without_residual": linearity_score_without_residual(centered),
-        "anisotropy": anisotropy(centered.gram),
+        **both_scores(centered, spectrum),
+        "anisotropy": anisotropy(centered.gram, spectrum),
         "relative_update_norm": math.sqrt(stats.sq_update / max(stats.sq_input, 1e-300)),
         "cosine_in_out": stats.cos_sum / max(stats.n, 1),
+    }
+
+
+def both_scores(centered: CenteredStats, spectrum: GramSpectrum) -> dict[str, float]:
+    """Both scores from one projection: V^T (C - G) = V^T C - diag(e) V^T, so the update's
+    cross-products C - G (another d x d) are never formed."""
+    projected = spectrum.evecs.T @ centered.cross.double()
+    update = spectrum.evecs.T * spectrum.evals[:, None]
+    update.neg_().add_(projected)
+    update_sq = update_target_sq(centered)
+    return {
+        "score": 1.0
+        if _constant_target(centered.gram, centered.y_sq)
+        else _explained(projected, spectrum, centered.y_sq),
+        "score_without_residual": 1.0
+        if _constant_target(centered.gram, update_sq)
+        else _explained(update, spectrum, update_sq),
     }
 
 

@@ -8,10 +8,12 @@ import torch
 from linearize.capture import PairStats
 from linearize.fitting import fit_affine
 from linearize.linearity import (
+    GramSpectrum,
     anisotropy,
     intrinsic_dimension_twonn,
     linearity_score,
     linearity_score_without_residual,
+    summarize_pair,
     top_share,
 )
 
@@ -89,6 +91,36 @@ def test_planted_affine_layer_is_recovered_and_scores_one():
     assert torch.allclose(fitted.weight, a, atol=1e-8)
     assert torch.allclose(fitted.bias, b, atol=1e-8)
     assert linearity_score(stats) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_one_eigendecomposition_gives_the_scores_the_anisotropy_and_the_map():
+    """The analysis decomposes G once; every figure matches its own-decomposition form."""
+    x, y = planted(offset=20.0)
+    stats = stream(x, y, acc=torch.float64)
+    separate = stats.centered()
+    row = summarize_pair(stats, separate)
+    consumed = stream(x, y, acc=torch.float64).centered(consume=True)
+    assert torch.equal(consumed.gram, separate.gram) and torch.equal(consumed.cross, separate.cross)
+    spectrum = GramSpectrum.of(consumed.gram)
+    shared = summarize_pair(stats, consumed, spectrum)
+    assert (1 - shared["score"]) == pytest.approx(1 - linearity_score(separate), rel=1e-9)
+    assert (1 - shared["score_without_residual"]) == pytest.approx(
+        1 - linearity_score_without_residual(separate), rel=1e-9
+    )
+    assert shared == pytest.approx(row, rel=1e-9)
+    for ridge in (0.0, 1e-4, 1e-1):
+        by_cholesky = fit_affine(separate, ridge=ridge)
+        by_spectrum = fit_affine(consumed, ridge=ridge, spectrum=spectrum)
+        assert torch.allclose(by_spectrum.weight, by_cholesky.weight, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(by_spectrum.bias, by_cholesky.bias, rtol=1e-8, atol=1e-8)
+
+
+def test_consumed_statistics_cannot_be_centred_twice():
+    x, y = planted()
+    stats = stream(x, y, acc=torch.float64)
+    stats.centered(consume=True)
+    with pytest.raises((TypeError, AttributeError)):
+        stats.centered()
 
 
 def test_merge_equals_single_stream():
