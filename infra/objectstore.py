@@ -5,7 +5,7 @@ visible in a single last step (a directory rename on disk; the job's `manifest.j
 bucket, written after every file it names), and readers trust only that step. On the bucket a
 checkpoint's files sit under `jobs/<id>/attempts/<token>/`; an attempt that dies mid-upload leaves
 objects no manifest names, which the next attempt deletes together with its unfinished multipart
-uploads.
+uploads. The engine's cache entries (linearize.cache.Remote) follow the same rule under `cache/`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from api_schemas.jobs import Artifact
-from infra.artifacts import checkpoint_dir, datasets_dir, job_dir, publish_dir
+from infra.artifacts import (
+    build_manifest,
+    checkpoint_dir,
+    datasets_dir,
+    job_dir,
+    publish_dir,
+    sha256_file,
+)
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,7 @@ class ArtifactStore(Protocol):
     def download_url(self, job_id: str, path: str) -> str | None: ...
     def delete_job(self, job_id: str) -> None: ...
     def abort_stale_uploads(self, older_than_s: float) -> int: ...
+    def shared_cache(self) -> BucketCache | None: ...
 
 
 class LocalArtifactStore:
@@ -120,6 +128,9 @@ class LocalArtifactStore:
 
     def abort_stale_uploads(self, older_than_s: float) -> int:
         return 0
+
+    def shared_cache(self) -> None:
+        return None  # the engine's cache sits on the shared volume itself (ARTIFACT_DIR/cache)
 
 
 class S3ArtifactStore:
@@ -232,12 +243,14 @@ class S3ArtifactStore:
         return self.settings.resolved_scratch_dir / "jobs" / job_id / token
 
     def _read_manifest(self, job_id: str) -> dict | None:
+        return self._get_json(self.key("jobs", job_id, MANIFEST))
+
+    def _get_json(self, key: str) -> dict | None:
+        """The JSON object at `key`, or None when there is none."""
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(
-                Bucket=self.bucket, Key=self.key("jobs", job_id, MANIFEST)
-            )
+            body = self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -328,6 +341,9 @@ class S3ArtifactStore:
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         return self._abort_uploads(self.key("jobs") + "/", lambda _key: True, before=cutoff)
 
+    def shared_cache(self) -> BucketCache:
+        return BucketCache(self)
+
     # Listing helpers ---------------------------------------------------------------------
 
     def _keys(self, prefix: str) -> Iterator[str]:
@@ -359,6 +375,79 @@ class S3ArtifactStore:
                 )
                 aborted += 1
         return aborted
+
+
+class BucketCache:
+    """The engine's cache entries shared through the bucket (a linearize.cache.Remote): an
+    entry's files under `cache/<name>/files/`, then `cache/<name>/manifest.json` (path, size,
+    sha256 of each), written last. A reader trusts only a file that matches the manifest."""
+
+    def __init__(self, store: S3ArtifactStore):
+        self.store = store
+
+    def _key(self, name: str, *parts: str) -> str:
+        return self.store.key("cache", name, *parts)
+
+    def publish(self, name: str, source: Path) -> None:
+        with self.store._errors(f"publishing cache entry {name}"):
+            self._publish(name, source)
+
+    def _publish(self, name: str, source: Path) -> None:
+        store, manifest_key = self.store, self._key(name, MANIFEST)
+        # Readers see no entry while its files are rewritten (another host published it too).
+        store.client.delete_object(Bucket=store.bucket, Key=manifest_key)
+        files = build_manifest(source)
+        for item in files:
+            store.client.upload_file(
+                str(source / item.path),
+                store.bucket,
+                self._key(name, "files", item.path),
+                Config=store.transfer,
+            )
+        document = {"name": name, "files": [a.model_dump() for a in files]}
+        store.client.put_object(
+            Bucket=store.bucket,
+            Key=manifest_key,
+            Body=json.dumps(document).encode(),
+            ContentType="application/json",
+        )
+
+    def fetch(self, name: str, target: Path) -> bool:
+        with self.store._errors(f"fetching cache entry {name}"):
+            return self._fetch(name, target)
+
+    def _fetch(self, name: str, target: Path) -> bool:
+        files = self._listed_files(name)
+        if files is None:
+            return False
+        root = target.resolve()
+        for item in files:
+            path = (target / item.path).resolve()
+            if not path.is_relative_to(root):
+                return self._ignored(name, f"it names a file outside it ({item.path})")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = self._key(name, "files", item.path)
+            self.store.client.download_file(
+                self.store.bucket, key, str(path), Config=self.store.transfer
+            )
+            if path.stat().st_size != item.size or sha256_file(path) != item.sha256:
+                return self._ignored(name, f"{item.path} does not match its manifest")
+        return True
+
+    def _listed_files(self, name: str) -> list[Artifact] | None:
+        """The files the entry's manifest names; None without a (readable) manifest."""
+        try:
+            manifest = self.store._get_json(self._key(name, MANIFEST))
+            if manifest is None:
+                return None
+            return [Artifact.model_validate(item) for item in manifest["files"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            self._ignored(name, f"unreadable manifest: {exc}")
+            return None
+
+    def _ignored(self, name: str, why: str) -> bool:
+        log.warning("cache entry %s in %s ignored: %s", name, self.store.location, why)
+        return False
 
 
 def s3_client(settings: Settings, endpoint_url: str | None = None):

@@ -10,6 +10,15 @@ sha256 and the transformers version): dequantizing and rebuilding the tokenizer 
 2 cores for the bundled 135M model, reading the converted copy under 1 s.
 
 Location: $LINEARIZE_CACHE_DIR, else ~/.cache/linearize. `--no-cache` / `use_cache=False` skips it.
+
+Beyond one machine: whoever runs the engine may install a `Remote` (set_remote), a store shared
+by several machines; the service's workers install one backed by their bucket. A local miss is
+then first fetched from it, and what this process computes is published to it. A remote entry
+is checked like a local one and a failing remote is a miss, never a failed run.
+
+In use: a process reading an entry holds a shared flock on it (`hold`) until `release_held`, and
+touches it, so a cleaner (the worker's scratch eviction) can skip what a run still reads and
+evict the least recently used rest.
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,6 +42,100 @@ FORMAT_VERSION = 1
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "linearize")
+
+
+# --- a store shared between machines, and what this process holds ------------------------------
+
+
+class Remote(Protocol):
+    """Cache entries shared between machines. An entry is a directory of files, named like
+    `analysis/<key>`; publishing must make it visible only once it is whole."""
+
+    def fetch(self, name: str, target: Path) -> bool:
+        """Write entry `name` into the new directory `target`; False when there is no whole,
+        intact entry of that name."""
+        ...
+
+    def publish(self, name: str, source: Path) -> None:
+        """Make the files under `source` the entry `name`."""
+        ...
+
+
+_remote: Remote | None = None
+_held: dict[Path, int] = {}
+
+
+def set_remote(remote: Remote | None) -> None:
+    """Install (or with None remove) the shared store for this process."""
+    global _remote
+    _remote = remote
+
+
+def _fetch(name: str, directory: Path) -> bool:
+    """A missing entry from the remote, renamed into place whole; any failure is a miss."""
+    if _remote is None or directory.exists():
+        return False
+    staging = directory.with_name(f".{directory.name}.fetch-{uuid.uuid4().hex[:8]}")
+    try:
+        if not _remote.fetch(name, staging):
+            return False
+        os.replace(staging, directory)
+        log.info("fetched cache entry %s from the shared cache into %s", name, directory)
+        return True
+    except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: warn, recompute
+        log.warning("could not fetch cache entry %s from the shared cache: %s", name, exc)
+        return False
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(name: str, directory: Path) -> None:
+    if _remote is None:
+        return
+    try:
+        _remote.publish(name, directory)
+    except Exception as exc:  # noqa: BLE001 - the job's result does not depend on it
+        log.warning("could not publish cache entry %s to the shared cache: %s", name, exc)
+
+
+def hold(path: Path) -> bool:
+    """Mark a file or directory in use by this process until release_held(), and record the use
+    (its modification time) for least-recently-used eviction. False when it does not exist (or
+    was evicted meanwhile): the caller treats it as missing."""
+    path = Path(path)
+    if path in _held:
+        return True
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    # Blocks only while an evictor moves it aside; it then no longer is what `path` names.
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        if same:
+            os.utime(path)
+    except OSError:
+        same = False
+    if not same:
+        os.close(fd)
+        return False
+    _held[path] = fd
+    return True
+
+
+def release_held() -> None:
+    """Release every hold of this process (the end of a job in a process that runs several)."""
+    for path in list(_held):
+        _release(path)
+
+
+def _release(path: Path) -> None:
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 @torch.no_grad()
@@ -92,15 +197,19 @@ def load_entry(key: str) -> dict | None:
     from safetensors.torch import load_file
 
     directory = cache_dir() / key
+    fetched = _fetch(f"analysis/{key}", directory)
+    if not hold(directory):
+        return None
     try:
         entry = json.loads((directory / "entry.json").read_text())
         if entry.get("key") != key:
-            return None
+            raise ValueError(f"it belongs to the key {entry.get('key')!r}")
         entry["residuals"] = load_file(directory / "residuals.safetensors")["residuals"]
+        entry["fetched"] = fetched  # from the shared cache, just now
         return entry
     except (OSError, ValueError, KeyError) as exc:
-        if directory.exists():
-            log.warning("ignoring unreadable cache entry %s: %s", directory, exc)
+        log.warning("discarding unreadable cache entry %s: %s", directory, exc)
+        _discard(directory)  # so that the recomputed entry can take its place
         return None
 
 
@@ -119,15 +228,19 @@ def save_entry(key: str, entry: dict, residuals: torch.Tensor) -> None:
         os.replace(staging, target)
     except OSError as exc:  # a cache that cannot be written must not fail the job
         log.warning("could not write cache entry %s: %s", key, exc)
+        return
     finally:
-        if staging.exists():
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    _publish(f"analysis/{key}", target)
 
 
 def _reference_file(key: str, top_k: int) -> Path:
     return cache_dir() / key / f"reference-top{top_k}.safetensors"
+
+
+def _reference_name(key: str, top_k: int) -> str:
+    """Its own remote entry: it may be computed later than the entry it sits in."""
+    return f"reference/{key}-top{top_k}"
 
 
 def load_reference(key: str, top_k: int) -> dict[str, torch.Tensor] | None:
@@ -135,6 +248,8 @@ def load_reference(key: str, top_k: int) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
     path = _reference_file(key, top_k)
+    if not path.exists() and path.parent.is_dir():
+        _fetch_file(_reference_name(key, top_k), path)
     try:
         return load_file(path)
     except (OSError, ValueError) as exc:
@@ -150,14 +265,29 @@ def save_reference(key: str, top_k: int, tensors: dict[str, torch.Tensor]) -> No
     path = _reference_file(key, top_k)
     if not path.parent.is_dir():
         return  # the entry itself could not be written
+    # A directory of its own, so that it can be published as an entry of its own.
     staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
-        os.replace(staging, path)
+        staging.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging / path.name)
+        _publish(_reference_name(key, top_k), staging)
+        os.replace(staging / path.name, path)
     except OSError as exc:
         log.warning("could not write the agreement reference %s: %s", path, exc)
     finally:
-        staging.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch_file(name: str, path: Path) -> None:
+    """A one-file remote entry into place at `path`."""
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        if _fetch(name, staging):
+            os.replace(staging / path.name, path)
+    except OSError as exc:
+        log.warning("could not place the fetched cache file %s: %s", path, exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- converted GGUF models ----------------------------------------------------------------------
@@ -177,8 +307,8 @@ def load_converted_gguf(key: str, dtype):
     """(model, tokenizer) from a converted copy, or None when there is none or it is unreadable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = cache_dir() / "gguf" / key
-    if not (directory / "complete").is_file():
+    directory = converted_gguf_dir(key)
+    if directory is None:
         return None
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -192,10 +322,18 @@ def load_converted_gguf(key: str, dtype):
     return model, tokenizer
 
 
+def converted_gguf_dir(key: str) -> Path | None:
+    """The whole converted copy of a GGUF file (fetched from the remote when only there, and
+    held), or None."""
+    directory = cache_dir() / "gguf" / key
+    _fetch(f"gguf/{key}", directory)
+    if (directory / "complete").is_file() and hold(directory):
+        return directory
+    return None
+
+
 def save_converted_gguf(key: str, model, tokenizer) -> None:
     """Write the converted model atomically (staging dir + rename); never fails the job."""
-    import shutil
-
     from linearize.checkpoint import serializable_model
 
     root = cache_dir() / "gguf"
@@ -205,19 +343,21 @@ def save_converted_gguf(key: str, model, tokenizer) -> None:
         serializable_model(model).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "complete").write_text(key)
-        if not (root / key).exists():
-            os.replace(staging, root / key)
+        if (root / key).exists():
+            return  # another run converted it first
+        os.replace(staging, root / key)
     except OSError as exc:
         log.warning("could not cache the converted GGUF model %s: %s", key, exc)
+        return
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _publish(f"gguf/{key}", root / key)
 
 
 def _discard(directory: Path) -> None:
     """Move a damaged entry aside first (atomic), so a concurrent reader never sees half of it."""
-    import shutil
-
     trash = directory.with_name(f".discarded-{directory.name}.{uuid.uuid4().hex[:8]}")
+    _release(directory)  # the name will belong to the entry that replaces it
     try:
         os.replace(directory, trash)
     except OSError:

@@ -297,7 +297,8 @@ def baseline_and_analysis(job: Job, stack, windows, tokenizer, behaviour=None):
     if behaviour is not None:
         observers = [eval_positions(behaviour.reference_hook(), windows)]
     if entry is not None:
-        job.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()})")
+        shared = ", fetched from the shared cache" if entry["fetched"] else ""
+        job.notes.append(f"baseline and analysis read from the cache ({cache.cache_dir()}{shared})")
         if behaviour is not None:
 
             def reference(_model, eval_windows, timing, stage, hook):

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from linearize.errors import BudgetError, InputError, ModelSourceError
+from linearize.errors import BudgetError, InputError, LinearizeError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,15 @@ def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path
         path = bundled_gguf_path(source) if source in BUNDLED_ALIASES else Path(source)
         if not path.is_file():
             raise ModelSourceError(f"GGUF file not found: {path}")
-        converted = cache.cache_dir() / "gguf" / cache.gguf_key(path)
-        if not (converted / "complete").is_file():
+        key = cache.gguf_key(path)
+        converted = cache.converted_gguf_dir(key)
+        if converted is None:
             if not use_cache:
                 raise InputError("streaming a GGUF model needs its converted copy: drop --no-cache")
             load_model(source, dtype=dtype, device="cpu", use_cache=True)  # converts once
+            converted = cache.converted_gguf_dir(key)
+        if converted is None:
+            raise LinearizeError(f"the converted copy of {path} could not be written to the cache")
         return converted, "model"
     path = Path(source).expanduser()
     if path.is_dir():

@@ -5,7 +5,8 @@ worker (dropped: a duplicate), or leased by a dead one (taken over, attempt + 1)
 writes into a private staging directory (next to the artifact directory, or in this worker's
 local scratch when artifacts live in a bucket); the finished checkpoint is published by the
 artifact store in one last step, and the database row that points at it is written only by the
-lease holder.
+lease holder. With a bucket, the engine's cache is shared through it (a miss on one host is a hit
+on the next), and scratch is kept under LINEARIZE_SCRATCH_MAX_SIZE after each job (infra.scratch).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from infra.artifacts import build_manifest
 from infra.db import init_schema, make_engine
 from infra.modelcheck import ModelRejected, resolve_model
 from infra.objectstore import ArtifactStoreError, artifact_store
+from infra.scratch import evict
 from infra.settings import Settings, get_settings
 from infra.store import SPEC_ADAPTER, Claim, Store
 
@@ -167,7 +169,7 @@ def _prepare_spec(row, settings: Settings, store: Store):
         dataset = store.get_dataset(row.tenant, spec.data.dataset_id)
         if dataset is None:
             raise ModelRejected(f"dataset {spec.data.dataset_id} no longer exists (retention)")
-        path = worker_artifacts().fetch_dataset(dataset.path, scratch)
+        path = _held(lambda: worker_artifacts().fetch_dataset(dataset.path, scratch), settings)
         update["data"] = DataSpec(path=str(path), text_field=spec.data.text_field)
     if spec.kind == "compare":
         update["models"] = [_local_model(m, settings) for m in spec.models]
@@ -182,7 +184,20 @@ def _local_model(name: str, settings: Settings) -> str:
         return source.engine_name
     from infra.modelcheck import fetch_s3_model
 
-    return str(fetch_s3_model(source, settings, settings.resolved_scratch_dir / "models"))
+    models = settings.resolved_scratch_dir / "models"
+    return str(_held(lambda: fetch_s3_model(source, settings, models), settings))
+
+
+def _held(fetch, settings: Settings) -> Path:
+    """What `fetch` puts in scratch, held until the job ends so that no eviction removes it (it
+    is fetched again if an eviction took it between the two steps)."""
+    from linearize import cache
+
+    for _ in range(3):
+        path = fetch()
+        if not path.is_relative_to(settings.resolved_scratch_dir) or cache.hold(path):
+            return path
+    raise ArtifactStoreError(f"{path} was evicted from scratch as soon as it was fetched")
 
 
 def _engine_cache_dir(settings: Settings) -> str:
@@ -190,6 +205,29 @@ def _engine_cache_dir(settings: Settings) -> str:
     if settings.artifact_url:
         return str(settings.resolved_scratch_dir / "cache")
     return str(settings.resolved_artifact_dir / "cache")
+
+
+def _use_engine_cache(settings: Settings) -> None:
+    """The engine's cache goes on the shared artifact volume, or in local scratch and shared
+    through the bucket, rather than in the worker's home (unless LINEARIZE_CACHE_DIR is set)."""
+    os.environ.setdefault("LINEARIZE_CACHE_DIR", _engine_cache_dir(settings))
+    # Imported here, in the forked child: the parent never loads torch or touches CUDA.
+    from linearize import cache
+
+    cache.set_remote(worker_artifacts().shared_cache())
+
+
+def _release_scratch(settings: Settings) -> None:
+    """The job's holds end; then scratch goes back under its limit. Never fails the job."""
+    from linearize import cache
+
+    cache.release_held()
+    if settings.scratch_max_size is None:
+        return
+    try:
+        evict(settings.resolved_scratch_dir, settings.scratch_max_size)
+    except OSError as exc:
+        log.warning("scratch eviction in %s failed: %s", settings.resolved_scratch_dir, exc)
 
 
 def run_job(job_id: str) -> str:
@@ -229,6 +267,7 @@ def run_job(job_id: str) -> str:
             return _execute(store, settings, row, owner, lease, staging / "checkpoint", token)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            _release_scratch(settings)
 
 
 def _publisher(store: Store, job_id: str, owner: str, lease: _Lease):
@@ -253,11 +292,8 @@ def _execute(
 ) -> str:
     job_id = row.id
     try:
+        _use_engine_cache(settings)
         spec = _prepare_spec(row, settings, store)
-        # The engine's cache (baseline and analysis per model and data) goes on the shared
-        # artifact volume (or local scratch) rather than the worker's home, unless set.
-        os.environ.setdefault("LINEARIZE_CACHE_DIR", _engine_cache_dir(settings))
-        # Imported here, in the forked child: the parent never loads torch or touches CUDA.
         from linearize import pipeline
 
         report = pipeline.run(

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_helpers import S3Server
 from stack_helpers import (
     PG_DB,
     PG_SERVER,
@@ -20,6 +21,14 @@ from stack_helpers import (
     pg_schema_url,
     stack_env,
 )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's standalone server (tests/service/s3_helpers.py), shared by the bucket tests."""
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -29,13 +29,6 @@ HEAVY = {"calib_tokens": 32768, "eval_tokens": 32768, "seq_len": 64}
 PREFIX = "artifacts"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
-    yield server
-    server.kill()
-
-
 @pytest.fixture
 def pg_url(pg_database) -> Iterator[str]:
     url, schema = pg_schema_url(pg_database)
@@ -58,10 +51,16 @@ def _bucket_stack(root: Path, server: S3Server, bucket: str, pg_url: str, redis:
     return Stack(root, env)
 
 
-def _host(stack: Stack, name: str) -> dict:
+def _host(stack: Stack, name: str, **env: str) -> dict:
     """A worker's own disk: data and scratch directories nobody else sees."""
     base = stack.root / name
-    return {"LINEARIZE_DATA_DIR": str(base), "LINEARIZE_SCRATCH_DIR": str(base / "scratch")}
+    return {"LINEARIZE_DATA_DIR": str(base), "LINEARIZE_SCRATCH_DIR": str(base / "scratch"), **env}
+
+
+def _own_cache(host: dict) -> dict:
+    """The engine cache where a worker with a bucket keeps it (scratch), not the directory the
+    test session shares between all its processes (tests/conftest.py)."""
+    return {**host, "LINEARIZE_CACHE_DIR": str(Path(host["LINEARIZE_SCRATCH_DIR"]) / "cache")}
 
 
 def _files_under(directory: Path) -> list[str]:
@@ -368,3 +367,47 @@ def test_retry_cleans_unlisted_objects_and_multipart_uploads_of_dead_attempts(
     assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]] == [
         "outside-the-prefix/f"
     ]
+
+
+def test_a_baseline_computed_on_one_host_is_fetched_from_the_bucket_on_another(
+    tmp_path, s3_server, pg_url, shared_redis, model_root, text_file
+):
+    bucket = s3_server.new_bucket()
+    stack = _bucket_stack(tmp_path / "stack", s3_server, bucket, pg_url, shared_redis, model_root)
+    cached_note = "baseline and analysis read from the cache"
+    try:
+        stack.start_api()
+        host_a = stack.start_worker(env=_own_cache(_host(stack, "host-a")))
+        with stack.client() as client:
+            spec = tiny_spec(client.upload_dataset(text_file).id)
+            first = client.submit(spec)
+            assert stack.wait_terminal(first.id).status == "succeeded", stack.tail()
+            assert not any(cached_note in n for n in client.report(first.id)["notes"])
+        manifests = [
+            k
+            for k in bucket_keys(s3_server, bucket, f"{PREFIX}/cache/")
+            if k.endswith("/manifest.json")
+        ]
+        # The analysis and, as its own entry, the agreement reference (top-64 logits).
+        key = manifests[0].split("/")[3]
+        assert manifests == [
+            f"{PREFIX}/cache/analysis/{key}/manifest.json",
+            f"{PREFIX}/cache/reference/{key}-top64/manifest.json",
+        ]
+        stack.kill_worker(host_a)
+
+        # Host B has an empty scratch: it reads host A's entry from the bucket.
+        stack.start_worker(env=_own_cache(_host(stack, "host-b", LINEARIZE_SCRATCH_MAX_SIZE="1GB")))
+        with stack.client() as client:
+            second = client.submit(spec)
+            assert stack.wait_terminal(second.id).status == "succeeded", stack.tail()
+            notes = client.report(second.id)["notes"]
+        entry = stack.root / "host-b" / "scratch" / "cache" / key
+        assert f"{cached_note} ({entry.parent}, fetched from the shared cache)" in notes, notes
+        assert sorted(p.name for p in entry.iterdir()) == [
+            "entry.json",
+            "reference-top64.safetensors",
+            "residuals.safetensors",
+        ]
+    finally:
+        stack.stop()
