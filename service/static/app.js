@@ -801,7 +801,9 @@ async function renderFinished(body, job, events, signal) {
       : null,
   ]);
   const healing = rep.selection?.healing;
-  const healEvents = healing?.steps ? (events ?? (await allEvents(job.id, signal))) : [];
+  // Reports from before selection.healing.curve existed: read the curve from the events.
+  const needEvents = healing?.steps && !healing.curve;
+  const healEvents = needEvents ? (events ?? (await allEvents(job.id, signal))) : [];
   body.replaceChildren(...reportView(job, rep, artifacts, healEvents));
   if (job.kind === "compress") body.append(compareChooser(job, signal));
 }
@@ -871,33 +873,10 @@ function reportView(job, rep, artifacts, events) {
   if (rep.linearity?.length) parts.push(...linearitySection(rep));
   if (rep.compare?.length) parts.push(...compareReportSection(rep));
   if (ppl) parts.push(perplexitySection(rep, job));
-  if (events?.length) {
-    const curve = healingCurve(events);
-    if (curve.length > 1) {
-      parts.push(
-        h("h2", {}, "Healing"),
-        h(
-          "div",
-          { class: "card" },
-          h(
-            "div",
-            { class: "chart-box" },
-            lineChart({
-              series: [{ name: "training loss", points: curve }],
-              label: "Healing loss per step",
-              xLabel: "step",
-              marks: false,
-              chartId: "healing",
-            }),
-          ),
-          h(
-            "p",
-            { class: "muted" },
-            `${rep.selection.healing.steps} steps in ${fmt(rep.selection.healing.seconds, 1)} s; kept: ${rep.selection.healing.kept}. Loss sampled from the progress events.`,
-          ),
-        ),
-      );
-    }
+  const healing = rep.selection?.healing;
+  if (healing) {
+    const { points, source } = healingCurve(healing, events);
+    if (points.length > 1) parts.push(...healingSection(healing, points, source));
   }
   const triggers = rep.linearity?.filter((l) => l.trigger_tokens?.length) ?? [];
   if (triggers.length) parts.push(triggerSection(rep, triggers));
@@ -1081,13 +1060,51 @@ function perplexitySection(rep, job) {
   );
 }
 
-function healingCurve(events) {
+// The report's curve (bucket means, at most 200 points); reports from before it existed
+// fall back to the "loss …" messages of the heal stage's progress events.
+function healingCurve(healing, events) {
+  if (healing.curve) {
+    const points = healing.curve.map(([step, loss]) => ({ x: step, y: loss, title: `step ${step}: ${loss}` }));
+    return { points, source: curveSource(healing) };
+  }
   const points = [];
-  for (const e of events) {
+  for (const e of events ?? []) {
     const match = e.stage === "heal" && /^loss ([-\d.eE+]+)/.exec(e.message || "");
     if (match) points.push({ x: e.current, y: Number(match[1]), title: `step ${e.current}: ${match[1]}` });
   }
-  return points;
+  return { points, source: "Loss sampled from the progress events." };
+}
+
+// The first point closes the first bucket, so its step is the bucket size.
+function curveSource(healing) {
+  const perPoint = healing.curve[0]?.[0] ?? 1;
+  return perPoint > 1 ? `Each point: the mean loss of ${perPoint} steps.` : "The loss of every step.";
+}
+
+function healingSection(healing, points, source) {
+  return [
+    h("h2", {}, "Healing"),
+    h(
+      "div",
+      { class: "card", id: "healing" },
+      h(
+        "div",
+        { class: "chart-box" },
+        lineChart({
+          series: [{ name: "training loss", points }],
+          label: "Healing loss per step",
+          xLabel: "step",
+          marks: false,
+          chartId: "healing",
+        }),
+      ),
+      h(
+        "p",
+        { class: "muted" },
+        `${healing.steps} steps in ${fmt(healing.seconds, 1)} s; kept: ${healing.kept}. ${source}`,
+      ),
+    ),
+  ];
 }
 
 function triggerSection(rep, layers) {
