@@ -369,3 +369,40 @@ def test_a_compare_jobs_page_shows_each_models_scores_and_per_layer_differences(
     assert first.nth(2).inner_text() == f"{differences[0]['score']:.5f}"
     tab.shot("job-compare-kind")
     assert tab.console_errors == []
+
+
+def test_the_jobs_list_refreshes_itself_while_a_shown_job_is_live(
+    tab, server, dataset, finished_jobs
+):
+    tab.sign_in()
+    page = tab.page
+    with server.http() as http:
+        # 3 s of healing at least: the job is still queued or running when the list shows it.
+        live = tiny_spec(dataset, heal_steps=100_000, heal_seconds=3)
+        job_id = http.post("/v1/jobs", json=live).json()["id"]
+    tab.goto("/ui/jobs")
+    row = page.locator(f'tr[data-job="{job_id}"]')
+    row.wait_for()
+    assert row.get_attribute("data-status") in ("queued", "running")
+    tab.shot("jobs-live")
+    finished_row = page.locator(f'tr[data-job="{finished_jobs[0]}"]')
+    finished_row.evaluate("row => { row.keptByTheRefresh = true }")
+    page.evaluate("window.notReloaded = true")
+    list_reads: list[str] = []
+    page.on("request", lambda r: list_reads.append(r.url) if "/v1/jobs?" in r.url else None)
+
+    expect(row.locator("td:first-child .badge")).to_have_text("succeeded", timeout=120_000)
+    with server.http() as http:
+        report = http.get(f"/v1/jobs/{job_id}/report").json()
+    replaced = row.locator("td").nth(5)
+    expect(replaced).to_have_text(", ".join(map(str, report["replaced_layers"])))
+    assert page.evaluate("window.notReloaded") is True
+    assert list_reads, "the page did not read the list again"
+    # Rows that did not change are the same nodes (no flicker), and with every shown job
+    # finished the page stops reading the list (3 s refresh period).
+    assert finished_row.evaluate("row => row.keptByTheRefresh") is True
+    reads = len(list_reads)
+    page.wait_for_timeout(4500)
+    assert len(list_reads) == reads
+    tab.shot("jobs-refreshed")
+    assert tab.console_errors == []
