@@ -1117,7 +1117,11 @@ function perplexitySection(rep, job) {
 // fall back to the "loss …" messages of the heal stage's progress events.
 function healingCurve(healing, events) {
   if (healing.curve) {
-    const points = healing.curve.map(([step, loss]) => ({ x: step, y: loss, title: `step ${step}: ${loss}` }));
+    const points = healing.curve.map(([step, loss]) => ({
+      x: step,
+      y: loss,
+      title: `step ${step}: ${loss}`,
+    }));
     return { points, source: curveSource(healing) };
   }
   const points = [];
