@@ -181,7 +181,12 @@ class Report(_Model):
     replaced_layers: list[int] = Field(default_factory=list)
     format: str | None = None
     method: str | None = None
-    selection: dict[str, Any] = Field(default_factory=dict)
+    selection: dict[str, Any] = Field(
+        default_factory=dict,
+        description="How the layers were chosen; `healing` (when healing ran) holds its steps, "
+        "seconds, first and last training loss, `curve`: at most 200 [step, mean loss of the "
+        "bucket of steps ending there] pairs, and the validation perplexity before and after.",
+    )
     linearity: list[LayerLinearity] = Field(default_factory=list)
     linearity_notes: str = ""
     perplexity: Perplexity | None = None

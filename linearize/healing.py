@@ -34,7 +34,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 NEIGHBOUR_LAYERS = 4
 DEFAULT_LR = 3e-4
+CURVE_POINTS = 200  # the most points of the loss curve a report keeps
 
 
 @dataclass
@@ -53,9 +54,26 @@ class HealingResult:
     seconds: float
     train_loss_first: float
     train_loss_last: float
+    curve: list[list[float]] = field(default_factory=list)  # loss_curve of the training losses
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def loss_curve(losses: list[float], max_points: int = CURVE_POINTS) -> list[list[float]]:
+    """The training loss per step, downsampled to at most `max_points` [step, loss] pairs.
+
+    Consecutive steps are grouped into buckets of ceil(len / max_points) (the last bucket may be
+    shorter); each point is [the bucket's last step (1-based), the mean loss of its steps]. A
+    mean rather than every n-th step because one window's loss is noisy; the bucket's last step
+    so that the curve ends at the last step taken.
+    """
+    size = max(1, math.ceil(len(losses) / max_points))
+    curve = []
+    for start in range(0, len(losses), size):
+        bucket = losses[start : start + size]
+        curve.append([start + len(bucket), math.fsum(bucket) / len(bucket)])
+    return curve
 
 
 @dataclass
@@ -217,6 +235,7 @@ def heal(
         seconds=round(time.perf_counter() - started, 2),
         train_loss_first=losses[0] if losses else math.nan,
         train_loss_last=sum(tail) / len(tail) if tail else math.nan,
+        curve=loss_curve(losses),
     )
 
 

@@ -12,6 +12,7 @@ from linearize.healing import (
     heal,
     healing_params,
     logit_metric,
+    loss_curve,
 )
 from linearize.stack import LayerStack
 
@@ -65,9 +66,32 @@ def test_healing_lowers_the_distillation_loss_of_a_damaged_block():
     )
     assert result.steps == 40
     assert result.train_loss_last < 0.7 * result.train_loss_first
+    # Under the cap the curve is every step's loss.
+    assert [step for step, _ in result.curve] == list(range(1, 41))
+    assert result.curve[0][1] == result.train_loss_first
+    assert result.as_dict()["curve"] == result.curve
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == ["model.layers.2.mlp.down_proj.weight"]  # everything else frozen
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+@pytest.mark.parametrize(
+    ("steps", "points", "bucket"), [(150, 150, 1), (1000, 200, 5), (1001, 167, 6)]
+)
+def test_the_loss_curve_keeps_at_most_200_bucket_means_and_ends_at_the_last_step(
+    steps, points, bucket
+):
+    losses = [float(step * 7 % 11) for step in range(1, steps + 1)]  # integers: exact sums
+    curve = loss_curve(losses, max_points=200)
+    assert len(curve) == points <= 200
+    assert curve[0][0] == bucket and curve[-1][0] == steps
+    covered = 0
+    for step, mean in curve:  # consecutive buckets, each point the mean of its planted losses
+        planted = losses[covered:step]
+        assert 0 < len(planted) <= bucket
+        assert mean == sum(planted) / len(planted)
+        covered = step
+    assert loss_curve([]) == []
 
 
 def test_healing_trains_the_carriers_and_the_weight_matrices_of_the_next_layers_only():

@@ -1,5 +1,7 @@
 """Progress: a stage that stops early (the healing time budget) shows the steps it did."""
 
+import json
+
 from tiny_models import save_tiny_model
 
 from api_schemas import CompressSpec, DataSpec
@@ -38,6 +40,8 @@ def test_healing_stopped_by_its_time_budget_reports_the_steps_done(tmp_path):
     report = pipeline.run(spec, output_dir=tmp_path / "o", progress=events.append)
     healing = report.selection["healing"]
     assert healing["stopped_by"] == "0.5 s time budget"
+    written = json.loads((tmp_path / "o" / "report.json").read_text())["selection"]["healing"]
+    assert written["curve"][-1][0] == healing["steps"] and len(written["curve"]) <= 200
     steps = [e for e in events if e.stage == "heal" and e.total == 100000]
     assert steps[-1].current == healing["steps"] < 100000
     assert steps[-1].message == (

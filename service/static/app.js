@@ -7,6 +7,7 @@ import { barChart, lineChart } from "/ui/assets/charts.js";
 
 const KEY_ITEM = "linearize.apiKey";
 const PAGE_SIZE = 20;
+const LIST_REFRESH_MS = 3000; // the jobs list re-reads its page this often while a job is live
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelling", "cancelled"];
 const LINEARITY_METRICS = [
@@ -339,10 +340,40 @@ async function jobsPage(params, signal) {
       pager,
     ),
   );
-  const page = await api(`/v1/jobs?${query}`, { signal });
-  if (!page.items.length) body.append(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No jobs.")));
-  for (const job of page.items) body.append(jobRow(job, signal));
-  if (after)
+  const url = `/v1/jobs?${query}`;
+  const page = await api(url, { signal });
+  const draw = (shown) => showJobs(body, pager, shown, query, params, signal);
+  draw(page);
+  await refreshWhileLive(url, page, draw, signal);
+}
+
+// While a shown job is queued or running, the same page (filter and cursor) is read again.
+async function refreshWhileLive(url, page, draw, signal) {
+  while (page.items.some((job) => !TERMINAL.has(job.status))) {
+    await untilRefresh(signal);
+    if (signal.aborted) return;
+    // A failed read keeps the rows shown and tries again; leaving the page ends the loop.
+    const fresh = await api(url, { signal }).catch(() => (signal.aborted ? null : page));
+    if (!fresh) return;
+    if (fresh !== page) draw(fresh);
+    page = fresh;
+  }
+}
+
+// Rows whose status did not change are kept (not rebuilt), so a refresh neither flickers nor
+// moves the scroll position; only their age is brought up to date.
+function showJobs(body, pager, page, query, params, signal) {
+  const shown = new Map([...body.querySelectorAll("tr[data-job]")].map((row) => [row.dataset.job, row]));
+  const rows = page.items.map((job) => {
+    const row = shown.get(job.id);
+    if (!row || row.dataset.status !== job.status) return jobRow(job, signal);
+    row.lastElementChild.textContent = age(job.created_at);
+    return row;
+  });
+  if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No jobs.")));
+  body.replaceChildren(...rows);
+  pager.replaceChildren();
+  if (params.get("after"))
     pager.append(
       h("button", { class: "secondary", type: "button", on: { click: () => history.back() } }, "‹ Newer"),
     );
@@ -354,13 +385,35 @@ async function jobsPage(params, signal) {
   }
 }
 
+// Resolves after LIST_REFRESH_MS of the tab being visible (a hidden tab does not poll), or at
+// once when the page is left.
+function untilRefresh(signal) {
+  return new Promise((resolve) => {
+    let timer = null;
+    const done = () => {
+      clearTimeout(timer);
+      document.removeEventListener("visibilitychange", onVisibility);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const onVisibility = () => {
+      clearTimeout(timer);
+      if (!document.hidden) timer = setTimeout(done, LIST_REFRESH_MS);
+    };
+    if (signal.aborted) return resolve();
+    document.addEventListener("visibilitychange", onVisibility);
+    signal.addEventListener("abort", done);
+    onVisibility();
+  });
+}
+
 function jobRow(job, signal) {
   const replaced = h("td", {}, "–");
   const increase = h("td", { class: "num" }, "–");
   const gate = h("td", {}, "–");
   const row = h(
     "tr",
-    { "data-job": job.id },
+    { "data-job": job.id, "data-status": job.status },
     h("td", {}, badge(job.status)),
     h("td", { class: "mono" }, link(`/ui/jobs/${encodeURIComponent(job.id)}`, job.id)),
     h("td", {}, job.kind),
@@ -801,7 +854,9 @@ async function renderFinished(body, job, events, signal) {
       : null,
   ]);
   const healing = rep.selection?.healing;
-  const healEvents = healing?.steps ? (events ?? (await allEvents(job.id, signal))) : [];
+  // Reports from before selection.healing.curve existed: read the curve from the events.
+  const needEvents = healing?.steps && !healing.curve;
+  const healEvents = needEvents ? (events ?? (await allEvents(job.id, signal))) : [];
   body.replaceChildren(...reportView(job, rep, artifacts, healEvents));
   if (job.kind === "compress") body.append(compareChooser(job, signal));
 }
@@ -871,33 +926,10 @@ function reportView(job, rep, artifacts, events) {
   if (rep.linearity?.length) parts.push(...linearitySection(rep));
   if (rep.compare?.length) parts.push(...compareReportSection(rep));
   if (ppl) parts.push(perplexitySection(rep, job));
-  if (events?.length) {
-    const curve = healingCurve(events);
-    if (curve.length > 1) {
-      parts.push(
-        h("h2", {}, "Healing"),
-        h(
-          "div",
-          { class: "card" },
-          h(
-            "div",
-            { class: "chart-box" },
-            lineChart({
-              series: [{ name: "training loss", points: curve }],
-              label: "Healing loss per step",
-              xLabel: "step",
-              marks: false,
-              chartId: "healing",
-            }),
-          ),
-          h(
-            "p",
-            { class: "muted" },
-            `${rep.selection.healing.steps} steps in ${fmt(rep.selection.healing.seconds, 1)} s; kept: ${rep.selection.healing.kept}. Loss sampled from the progress events.`,
-          ),
-        ),
-      );
-    }
+  const healing = rep.selection?.healing;
+  if (healing) {
+    const { points, source } = healingCurve(healing, events);
+    if (points.length > 1) parts.push(...healingSection(healing, points, source));
   }
   const triggers = rep.linearity?.filter((l) => l.trigger_tokens?.length) ?? [];
   if (triggers.length) parts.push(triggerSection(rep, triggers));
@@ -1081,13 +1113,55 @@ function perplexitySection(rep, job) {
   );
 }
 
-function healingCurve(events) {
+// The report's curve (bucket means, at most 200 points); reports from before it existed
+// fall back to the "loss …" messages of the heal stage's progress events.
+function healingCurve(healing, events) {
+  if (healing.curve) {
+    const points = healing.curve.map(([step, loss]) => ({
+      x: step,
+      y: loss,
+      title: `step ${step}: ${loss}`,
+    }));
+    return { points, source: curveSource(healing) };
+  }
   const points = [];
-  for (const e of events) {
+  for (const e of events ?? []) {
     const match = e.stage === "heal" && /^loss ([-\d.eE+]+)/.exec(e.message || "");
     if (match) points.push({ x: e.current, y: Number(match[1]), title: `step ${e.current}: ${match[1]}` });
   }
-  return points;
+  return { points, source: "Loss sampled from the progress events." };
+}
+
+// The first point closes the first bucket, so its step is the bucket size.
+function curveSource(healing) {
+  const perPoint = healing.curve[0]?.[0] ?? 1;
+  return perPoint > 1 ? `Each point: the mean loss of ${perPoint} steps.` : "The loss of every step.";
+}
+
+function healingSection(healing, points, source) {
+  return [
+    h("h2", {}, "Healing"),
+    h(
+      "div",
+      { class: "card", id: "healing" },
+      h(
+        "div",
+        { class: "chart-box" },
+        lineChart({
+          series: [{ name: "training loss", points }],
+          label: "Healing loss per step",
+          xLabel: "step",
+          marks: false,
+          chartId: "healing",
+        }),
+      ),
+      h(
+        "p",
+        { class: "muted" },
+        `${healing.steps} steps in ${fmt(healing.seconds, 1)} s; kept: ${healing.kept}. ${source}`,
+      ),
+    ),
+  ];
 }
 
 function triggerSection(rep, layers) {

@@ -157,7 +157,14 @@ def test_submit_follow_report_and_download_through_the_pages(tab, server, ui_tex
     assert chart.locator("rect.band").count() == len(replaced)
     assert page.locator("#summary-replaced .value").inner_text() == ", ".join(map(str, replaced))
     assert page.locator('svg[data-chart="perplexity"] rect').count() >= 2
-    assert page.locator('svg[data-chart="healing"] path.series').count() == 1
+    # The healing curve is the report's: one vertex per point (30 steps, under the 200 cap).
+    curve = report["selection"]["healing"]["curve"]
+    assert [step for step, _ in curve] == list(range(1, 31))
+    assert (
+        page.locator('svg[data-chart="healing"] path.series').get_attribute("d").count("L")
+        == len(curve) - 1
+    )
+    assert "The loss of every step." in page.locator("#healing").inner_text()
     gate_rows = page.locator("#gate-table tbody tr")
     assert gate_rows.count() == len(report["gate"]["rules"])
     assert page.locator("#trigger-table tbody tr").count() > 0
@@ -185,12 +192,47 @@ def test_submit_follow_report_and_download_through_the_pages(tab, server, ui_tex
     # Chromium logs each 4xx answer; the two 422s of the form are expected, nothing else.
     assert [m for m in tab.console_errors if "status of 422" not in m] == []
 
-    # The same page on a phone: no sideways scrolling of the page itself.
+    # The same page on a phone: no sideways scrolling of the page itself. Opened finished, it
+    # reads no events: the healing curve comes with the report.
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
     page.set_viewport_size({"width": 390, "height": 844})
     page.reload()
     page.locator("#artifact-table").wait_for()
+    page.locator('svg[data-chart="healing"] path.series').wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert [url for url in requested if "/events" in url] == []
     tab.shot("job-succeeded-phone")
+    assert_an_old_report_draws_the_healing_curve_from_the_events(tab, server, job_id)
+
+
+def assert_an_old_report_draws_the_healing_curve_from_the_events(tab, server, job_id):
+    """A report written before selection.healing.curve existed: the page reads the events."""
+    with server.http() as http:
+        events = http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["items"]
+    losses = [
+        e
+        for e in events
+        if e.get("stage") == "heal" and (e.get("message") or "").startswith("loss ")
+    ]
+    assert len(losses) > 1
+
+    def without_curve(route) -> None:
+        answer = route.fetch()
+        old = answer.json()
+        del old["selection"]["healing"]["curve"]
+        route.fulfill(response=answer, json=old)
+
+    page = tab.page
+    page.route(f"**/v1/jobs/{job_id}/report", without_curve)
+    with page.expect_request(re.compile(rf".*/v1/jobs/{job_id}/events\?limit=1000$")):
+        page.reload()
+    path = page.locator('svg[data-chart="healing"] path.series')
+    path.wait_for()
+    # One vertex per stored "loss" event: fewer than the steps, which is why reports carry the curve.
+    assert path.get_attribute("d").count("L") == len(losses) - 1
+    assert "sampled from the progress events" in page.locator("#healing").inner_text()
+    page.unroute(f"**/v1/jobs/{job_id}/report")
 
 
 def test_cancel_a_running_job_from_its_page(tab, server, dataset):
@@ -326,4 +368,41 @@ def test_a_compare_jobs_page_shows_each_models_scores_and_per_layer_differences(
     first = rows.first.locator("td")
     assert first.nth(2).inner_text() == f"{differences[0]['score']:.5f}"
     tab.shot("job-compare-kind")
+    assert tab.console_errors == []
+
+
+def test_the_jobs_list_refreshes_itself_while_a_shown_job_is_live(
+    tab, server, dataset, finished_jobs
+):
+    tab.sign_in()
+    page = tab.page
+    with server.http() as http:
+        # 3 s of healing at least: the job is still queued or running when the list shows it.
+        live = tiny_spec(dataset, heal_steps=100_000, heal_seconds=3)
+        job_id = http.post("/v1/jobs", json=live).json()["id"]
+    tab.goto("/ui/jobs")
+    row = page.locator(f'tr[data-job="{job_id}"]')
+    row.wait_for()
+    assert row.get_attribute("data-status") in ("queued", "running")
+    tab.shot("jobs-live")
+    finished_row = page.locator(f'tr[data-job="{finished_jobs[0]}"]')
+    finished_row.evaluate("row => { row.keptByTheRefresh = true }")
+    page.evaluate("window.notReloaded = true")
+    list_reads: list[str] = []
+    page.on("request", lambda r: list_reads.append(r.url) if "/v1/jobs?" in r.url else None)
+
+    expect(row.locator("td:first-child .badge")).to_have_text("succeeded", timeout=120_000)
+    with server.http() as http:
+        report = http.get(f"/v1/jobs/{job_id}/report").json()
+    replaced = row.locator("td").nth(5)
+    expect(replaced).to_have_text(", ".join(map(str, report["replaced_layers"])))
+    assert page.evaluate("window.notReloaded") is True
+    assert list_reads, "the page did not read the list again"
+    # Rows that did not change are the same nodes (no flicker), and with every shown job
+    # finished the page stops reading the list (3 s refresh period).
+    assert finished_row.evaluate("row => row.keptByTheRefresh") is True
+    reads = len(list_reads)
+    page.wait_for_timeout(4500)
+    assert len(list_reads) == reads
+    tab.shot("jobs-refreshed")
     assert tab.console_errors == []
