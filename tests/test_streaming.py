@@ -241,10 +241,8 @@ def test_spilled_files_are_removed_when_the_job_stops_early(
 
 PEAK_SCRIPT = """
 import json, sys
-import torch, transformers  # noqa: F401  (the baseline: an empty torch process)
-if sys.argv[1:] == ["--model-code"]:  # ... that has also imported the code that runs a Llama
-    from transformers.models.llama import modeling_llama  # noqa: F401
-elif len(sys.argv) > 1:
+import torch  # noqa: F401  (the baseline: an empty torch process)
+if len(sys.argv) > 1:
     from linearize.cli import main
     code = main(sys.argv[1:])
     assert code == 0, code
@@ -254,11 +252,11 @@ print(json.dumps({"peak": peak_rss_bytes()}))
 
 
 def write_big_llama(directory: Path) -> int:
-    """A random-init Llama of ~420 MB (d = 1024, 8 layers) in shards of 100 MB; weight bytes."""
+    """A random-init Llama of ~620 MB (d = 1024, 12 layers) in shards of 100 MB; weight bytes."""
     config = AutoConfig.for_model(
         "llama",
         **{**TINY_CONFIGS["llama"], "hidden_size": 1024, "intermediate_size": 2816,
-           "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8},
+           "num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 8},
     )  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -278,16 +276,16 @@ def peak_of(args: list[str], cwd: Path) -> int:
 
 @pytest.mark.slow
 def test_a_model_four_times_the_budget_compresses_in_less_memory_than_its_weights(tmp_path):
-    """The baseline is an empty torch process that has imported transformers' Llama code:
-    that import alone takes ~150 MiB here (sympy, scipy, torch.distributed, dynamo), and every
-    process that runs the model pays it, the resident one too. Against `import torch,
-    transformers` alone (a lazy module) the streamed peak straddles the sum: 603-715 MiB over
-    runs against 660 MiB on 2026-11-30 (bench/RESULTS.md), so that stricter comparison is
-    reported there as not reliably met rather than asserted here."""
+    """The issue's bound: peak RSS below the weight bytes plus an empty `import torch` process.
+
+    Why 12 layers: running a Llama costs a fixed ~170 MiB over that baseline before any weight
+    is read (transformers' Llama code imports dynamo, sympy and scipy), plus ~85 MiB of torch's
+    code pages. With the 8-layer model (394 MiB) that fixed cost ate the whole margin and the
+    bound held in some runs only; with 12 layers (590 MiB) the streamed peak was 723-736 MiB
+    against 867 in every run (bench/RESULTS.md)."""
     weights = write_big_llama(tmp_path / "big")
-    assert len(list((tmp_path / "big").glob("model-*.safetensors"))) >= 4
-    baseline = peak_of(["--model-code"], tmp_path)
-    assert baseline > peak_of([], tmp_path)
+    assert len(list((tmp_path / "big").glob("model-*.safetensors"))) >= 6
+    baseline = peak_of([], tmp_path)
     common = ["compress", "--model", str(tmp_path / "big"), "--data", str(find_wikitext()),
               "--layers", "2", "--calib-tokens", "1536", "--eval-tokens", "512",
               "--seq-len", "128", "--heal-steps", "5", "--no-cache", "--quiet"]  # fmt: skip
