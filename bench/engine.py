@@ -32,6 +32,13 @@ class BenchJob:
     def load(self, source: str):
         return self.job.load(source)
 
+    def for_layers(self, k: int) -> BenchJob:
+        """The same settings with a budget of k layers, on the model this job loaded (its
+        placement: the stages size their caches by it, and only `load` sets it)."""
+        other = BenchJob(self.spec.model_copy(update={"layers": k}))
+        other.job.placement = self.job.placement
+        return other
+
     def windows(self, tokenizer, eval_tokens):
         return self.job.windows(tokenizer, eval_tokens)
 

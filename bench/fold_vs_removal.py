@@ -52,11 +52,11 @@ def main() -> None:
     checkpoints = sorted({int(s) for s in args.steps.split(",")})
     started = time.perf_counter()
 
-    job = make_job(args, 1)
-    loaded = job.load("smollm2-135m")
+    first = make_job(args, 1)
+    loaded = first.load("smollm2-135m")
     model, tokenizer = loaded.model, loaded.tokenizer
-    windows = job.windows(tokenizer, eval_tokens=args.eval_tokens)
-    _, baseline_val, analysis = job.baseline_and_analysis(model, windows, tokenizer)
+    windows = first.windows(tokenizer, eval_tokens=args.eval_tokens)
+    _, baseline_val, analysis = first.baseline_and_analysis(model, windows, tokenizer)
     sets = healbench.eval_sets(
         tokenizer, windows, args.ood.split(","), args.ood_tokens, args.measure_tokens
     )
@@ -78,7 +78,7 @@ def main() -> None:
         "curves": [],
     }
     for k in (int(b) for b in args.budgets.split(",")):
-        job = make_job(args, k)
+        job = first.for_layers(k)
         indices, _ = job.select(model, windows, analysis, baseline_val, n_layers)
         for variant in args.variants.split(","):
             trial = copy.deepcopy(model)

@@ -210,7 +210,7 @@ class Race:
 
     def ours(self, k) -> None:
         t0 = time.perf_counter()
-        job = make_job(self.args, k)
+        job = self.job.for_layers(k)
         n_layers = len(decoder_layers(self.model))
         indices, _ = job.select(
             self.model, self.windows, self.analysis, self.baseline_val, n_layers
