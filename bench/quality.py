@@ -325,23 +325,29 @@ def print_tables(rows, budgets, baseline, steps) -> None:
 
 
 def plot(rows, baseline, path: Path) -> None:
+    """One colour per method; its healed row dashed in the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(dict.fromkeys(name.removesuffix("+heal") for name in row_names(rows)))
+    colours = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
     for name in row_names(rows):
         points = sorted(
             (r["k"], r["ppl"]["eval"]) for r in rows if r["method"] == name and r.get("ppl")
         )
         if points:
-            ax.plot(*zip(*points, strict=True), "o-", label=name)
+            healed = name.endswith("+heal")
+            style = dict(ls="--" if healed else "-", marker="s" if healed else "o")
+            colour = colours[name.removesuffix("+heal")]
+            ax.plot(*zip(*points, strict=True), color=colour, label=name, **style)
     ax.axhline(baseline["eval"], color="k", ls=":", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("replaced layers k (of 30)")
     ax.set_ylabel("wikitext perplexity")
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
