@@ -9,13 +9,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from api_schemas.sizes import SIZE_PATTERN
+
 BUNDLED_MODEL_ALIAS = "smollm2-135m"
 MAX_LAYER_FRACTION_NOTE = "at most L - 2 layers can be replaced (the first and last stay)"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 Streaming = Literal["auto", "on", "off"]
-SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
 ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task

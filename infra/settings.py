@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -10,25 +9,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-# Its own copy of linearize.memory's units: the API process never imports the engine.
-_SIZE_UNITS = {"": 1, "b": 1} | {
-    f"{prefix}{suffix}": base**power
-    for power, prefix in enumerate("kmgt", start=1)
-    for suffix, base in (("b", 1000), ("ib", 1024))
-}
-
-
-def parse_size(value: object) -> int:
-    """'50GB' -> 50e9, '512MiB' -> 512 * 2**20, '1000' or 1000 -> 1000 bytes."""
-    match = _SIZE.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ValueError(
-            f"cannot read the size {value!r}: use a positive number of bytes or a number with a "
-            "unit such as 50GB, 512MiB or 2TiB"
-        )
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+from api_schemas.sizes import parse_size
 
 
 def split_list(value: object) -> list[str]:

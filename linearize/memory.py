@@ -8,45 +8,22 @@ buffers and fragmentation.
 
 from __future__ import annotations
 
-import re
 import resource
 import sys
 
+from api_schemas.sizes import parse_size as api_parse_size
 from linearize.errors import InputError
 
 AUTO_MARGIN_FRACTION = 0.10
 AUTO_MARGIN_MIN = 1 << 30  # 1 GiB
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str | int) -> int:
-    """'12GB' -> 12e9 bytes, '512MiB' -> 512 * 2**20, an int is bytes already."""
-    if isinstance(text, int):
-        size = text
-    else:
-        match = _SIZE.match(str(text))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise InputError(
-                f"cannot read the memory size {text!r}: use a number with a unit such as "
-                "24GB, 12GiB or 512MB (or `auto`)"
-            )
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise InputError(f"a memory budget must be positive, got {text!r}")
-    return size
+    """'12GB' -> 12e9 bytes, '512MiB' -> 512 * 2**20, an int is bytes already (api_schemas.sizes)."""
+    try:
+        return api_parse_size(text)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def format_size(size: int) -> str:
