@@ -19,6 +19,10 @@ Device = Literal["auto", "cpu", "cuda"]
 Streaming = Literal["auto", "on", "off"]
 BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
+# What stands in for the removed span before healing: "fit" its least-squares map (folded, or a
+# linear block), "remove" nothing (the span is dropped and the layer before it heals); "auto" is
+# "fit", the better of the two in domain at the default budget (BENCHMARKS.md, issue 16).
+SpanMethod = Literal["auto", "fit", "remove"]
 ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task
 
 
@@ -108,7 +112,12 @@ class CompressSpec(_JobBase):
     )
     eval_tokens: int = Field(16384, ge=1, description="Evaluation tokens (second half).")
     format: OutputFormat = Field("standard", description="standard: folded, plain HF checkpoint.")
-    method: str = Field("auto", description="Fit/selection method; `auto` is the measured best.")
+    method: SpanMethod = Field(
+        "auto",
+        description="fit: replace the span by its least-squares map (folded into the layer "
+        "before it, or a linear block); remove: drop the span and heal the layer before it (no "
+        "map; better on text unlike the calibration text); auto: fit.",
+    )
     heal_steps: int | None = Field(
         None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."
     )
@@ -160,6 +169,15 @@ class CompressSpec(_JobBase):
                 raise ValueError("gate_task_retained needs tasks to run")
             if not 0 <= limit <= 1000:
                 raise ValueError(f"gate_task_retained {task}: {limit} is not a percentage")
+        return self
+
+    @model_validator(mode="after")
+    def _removal_writes_a_standard_checkpoint(self) -> CompressSpec:
+        if self.method == "remove" and self.format == "linear":
+            raise ValueError(
+                "method=remove drops the span and leaves no linear block to write: use "
+                "format=standard with it (or method=fit for a linear block)"
+            )
         return self
 
     @model_validator(mode="after")

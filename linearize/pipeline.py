@@ -330,8 +330,16 @@ def baseline_and_analysis(job: Job, stack, windows, tokenizer, behaviour=None):
     return ppl["eval"], ppl["validation"], analysis, seconds["eval"]
 
 
+def removes(spec) -> bool:
+    """Whether the span is dropped without a map (method remove; auto is the fitted map)."""
+    return spec.method == "remove"
+
+
 def method_name(spec) -> str:
-    name = "affine-span-lstsq" if spec.format == "linear" else "fold-lstsq"
+    if removes(spec):
+        name = "remove"
+    else:
+        name = "affine-span-lstsq" if spec.format == "linear" else "fold-lstsq"
     return name + ("+heal" if healing_budget(spec) else "")
 
 
@@ -379,7 +387,8 @@ def healing_text(job: Job, stack) -> dict:
 
 
 def injection_point(spec, indices: list[int]) -> int:
-    """The first position whose computation changes: the fold target or the first block."""
+    """The first position whose computation changes: the fold target (or, for a removal, the
+    layer before the span, which heals) or the first block."""
     first = min(indices)
     return first - 1 if spec.format == "standard" else first
 
@@ -461,12 +470,15 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
     from linearize.fitting import fit_pass, fit_spans
     from linearize.healing import TeacherCache
     from linearize.selection import contiguous_spans
-    from linearize.surgery import check_foldable, position_computing_through
+    from linearize.surgery import check_foldable, check_removable, position_computing_through
 
     spec = job.spec
     spans = contiguous_spans(indices)
     fmt = spec.format
-    if fmt == "standard":
+    removing = removes(spec)
+    if removing:
+        check_removable(stack.model, spans)
+    elif fmt == "standard":
         check_foldable(stack.model, spans)  # refuse before the costly fit pass
     start = injection_point(spec, indices) if teacher is not None else None
     end = None  # resident: the teacher's final hidden states
@@ -478,19 +490,22 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
     sets = {"fit": windows.fit}
     # The teacher comes with the fit pass when healing reads the fit windows, else from a pass
     # of its own over the healing windows (the statistics stay those of the fit windows).
-    joint = start is not None and windows.heal is windows.fit
-    with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
-        stats, t_in, t_out = fit_pass(
-            stack,
-            planner,
-            spans,
-            fmt,
-            windows.fit,
-            teacher_start=start if joint else None,
-            teacher_end=end if joint else None,
-            stage=st,
-        )
-        maps = fit_spans(stack.model, stats, fmt=fmt)
+    # A removal fits nothing: its only pass is the teacher's.
+    joint = start is not None and windows.heal is windows.fit and not removing
+    maps = None
+    if not removing:
+        with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
+            stats, t_in, t_out = fit_pass(
+                stack,
+                planner,
+                spans,
+                fmt,
+                windows.fit,
+                teacher_start=start if joint else None,
+                teacher_end=end if joint else None,
+                stage=st,
+            )
+            maps = fit_spans(stack.model, stats, fmt=fmt)
     if start is not None and not joint:
         heal_sets = {"heal": windows.heal}
         with job.timed("teacher"), job.pass_stage("teacher", stack, heal_sets) as st:
@@ -514,12 +529,15 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
 
 
 def apply_maps(stack, spans, maps, fmt: str) -> list:
-    """Surgery on the stack's model; the changed layers are kept in memory from now on."""
+    """Surgery on the stack's model; the changed layers are kept in memory from now on.
+
+    maps None: a removal, the spans are dropped and the layers before them carry the healing,
+    as a fold's targets do (removal is the fold with its map set to the identity)."""
     from linearize.architectures import get_architecture
-    from linearize.surgery import LinearBlock, fold_and_remove, replace_with_linear
+    from linearize.surgery import LinearBlock, fold_and_remove, remove_layers, replace_with_linear
 
     model = stack.model
-    if fmt == "linear":
+    if maps is not None and fmt == "linear":
         for start, _ in spans:
             stack.prepare(start)  # the block is built like the layer it replaces
         replace_with_linear(model, maps)
@@ -532,7 +550,10 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
     for layer in targets:
         stack.keep(layer)
     projections = [layer.get_submodule(arch.mlp_out) for layer in targets]
-    fold_and_remove(model, maps)
+    if maps is None:
+        remove_layers(model, [i for start, end in spans for i in range(start, end + 1)])
+    else:
+        fold_and_remove(model, maps)
     for layer in targets:
         layer.to("cpu" if stack.streamed else stack.device)
     return [p for proj in projections for p in proj.parameters()]

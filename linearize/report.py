@@ -35,7 +35,7 @@ def summary_lines(report: Report) -> list[str]:
     lines = [f"model      {m.source} ({m.architecture}, {m.dtype}, d={m.hidden_size})"]
     if report.replaced_layers:
         lines.append(
-            f"replaced   layers {report.replaced_layers} -> {report.format} "
+            f"replaced   layers {report.replaced_layers} -> {report.format}, {report.method} "
             f"({m.layers_before} -> {m.layers_after} layers)"
         )
     if m.params_after is not None:
@@ -262,12 +262,19 @@ def model_card(report: Report) -> str:
     from linearize.checkpoint import render_model_card
 
     m, p = report.model, report.perplexity
+    removed = (report.method or "").startswith("remove")
     body = [
-        f"# {Path(m.source).name} with {len(report.replaced_layers)} layers linearized",
+        f"# {Path(m.source).name} with {len(report.replaced_layers)} layers "
+        + ("removed" if removed else "linearized"),
         "",
         f"Made by [linearize](https://example.invalid/linearize) from `{m.source}`: layers "
-        f"{report.replaced_layers} were replaced by fitted linear maps ({report.format} format, "
-        f"method `{report.method}`).",
+        f"{report.replaced_layers} were "
+        + (
+            "removed, and the layers from the one before them on were healed"
+            if removed
+            else "replaced by fitted linear maps"
+        )
+        + f" ({report.format} format, method `{report.method}`).",
         "",
         "| metric | before | after |",
         "|---|---|---|",

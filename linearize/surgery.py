@@ -218,6 +218,35 @@ def check_foldable(model: nn.Module, spans: Iterable[Span]) -> None:
         _check_fold_target(layers, span, spans)
 
 
+def check_removable(model: nn.Module, spans: Iterable[Span]) -> None:
+    """Raise InputError now if a removal of these spans has no layer before each span to heal
+    (the removal's carrier is that layer's MLP output projection, as a fold's target is)."""
+    arch = _checked_architecture(model)
+    spans = list(spans)
+    layers = decoder_layers(model)
+    _check_spans(spans, len(layers))
+    for start, end in spans:
+        if start == 0:
+            raise InputError(
+                f"span {(start, end)} starts at layer 0: a removal heals the layer before the "
+                "span, and there is none (the first layer stays)"
+            )
+        before = layers[start - 1]
+        if isinstance(before, LinearBlock) or not _has_submodule(before, arch.mlp_out):
+            raise InputError(
+                f"span {(start, end)}: layer {start - 1}, before it, has no MLP output "
+                "projection to heal (it is a linear block)"
+            )
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def remove_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
     """Drop the layers at the given positions outright (baselines such as ShortGPT)."""
     arch = _checked_architecture(model)
@@ -253,13 +282,19 @@ def current_layout(model: nn.Module) -> dict:
 
 def position_computing_through(model: nn.Module, original: int) -> int:
     """The first current position whose output is the base model's hidden state after layer
-    `original`, counting what a fold target computes for the span folded into it."""
+    `original`, counting what a fold target computes for the span folded into it, and a layer
+    before removed layers as standing for them (its output is all that is left of them)."""
     layout = current_layout(model)
     ends = [last for _, last in layout["origins"]]
     for fold in layout["folds"]:
         for position, (first, _) in enumerate(layout["origins"]):
             if first == fold["into"]:
                 ends[position] = max(ends[position], fold["span"][1])
+    removed = set(layout["removed"])
+    for position, end in enumerate(ends):
+        while end + 1 in removed:
+            end += 1
+        ends[position] = end
     for position, end in enumerate(ends):
         if end >= original:
             return position

@@ -17,6 +17,7 @@ PLAIN_FIELDS = (
     "target_ppl_increase",
     "eval_tokens",
     "format",
+    "method",
     "heal_steps",
     "heal_seconds",
     "heal_tokens",
@@ -42,6 +43,12 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
     )
     p.add_argument("--eval-tokens", type=int, help="evaluation tokens; default 16384")
     p.add_argument("--format", choices=["standard", "linear"], help="default standard")
+    p.add_argument(
+        "--method",
+        choices=["auto", "fit", "remove"],
+        help="fit: replace the span by its least-squares map; remove: drop it and heal the layer "
+        "before it, better on text unlike the calibration text; default auto (= fit)",
+    )
     p.add_argument(
         "--heal-steps",
         type=int,

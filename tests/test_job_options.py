@@ -7,7 +7,8 @@ from linearize_client.commands import _build_spec
 from linearize_client.options import compress_fields, parse_task_gates
 
 OPTIONS = [
-    "--layers", "3", "--eval-tokens", "1024", "--format", "linear", "--heal-steps", "7",
+    "--layers", "3", "--eval-tokens", "1024", "--format", "linear", "--method", "fit",
+    "--heal-steps", "7",
     "--heal-seconds", "9", "--heal-tokens", "65536", "--tasks", "arc_easy,hellaswag", "--generation-prompts", "4",
     "--gate-ppl-increase", "30", "--gate-kl", "0.5", "--gate-agreement", "70",
     "--gate-task-retained", "90", "--gate-task-retained", "hellaswag:95",
@@ -27,6 +28,7 @@ def test_compress_and_submit_build_the_same_compress_spec():
     assert local_spec.model_dump(exclude=ignore) == remote_spec.model_dump(exclude=ignore)
     assert remote_spec.heal_steps == 7 and remote_spec.heal_seconds == 9
     assert local_spec.heal_tokens == remote_spec.heal_tokens == 65536
+    assert local_spec.method == remote_spec.method == "fit"
     assert remote_spec.gate_task_retained == {"*": 90.0, "hellaswag": 95.0}
 
 
@@ -46,6 +48,8 @@ def test_malformed_or_unrunnable_gates_exit_2(tmp_path, capsys):
     assert "wants P or TASK:P" in capsys.readouterr().err
     assert main([*base, "--tasks", "a", "--gate-task-retained", "b:90"]) == 2
     assert "names task 'b', which is not among the tasks that run" in capsys.readouterr().err
+    assert main([*base, "--method", "remove", "--format", "linear"]) == 2
+    assert "method=remove drops the span" in capsys.readouterr().err
 
 
 def test_submit_refuses_compress_options_for_another_kind(capsys):

@@ -1,5 +1,6 @@
 """The pipeline end to end on tiny random models: reports, checkpoints from disk, gates, errors."""
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,13 @@ from transformers import AutoModelForCausalLM
 from api_schemas import AnalyzeSpec, CompressSpec, DataSpec, EvalSpec
 from linearize import pipeline
 from linearize.data import find_wikitext
-from linearize.errors import BudgetError, Cancelled, OutputExistsError, VerificationError
+from linearize.errors import (
+    BudgetError,
+    Cancelled,
+    InputError,
+    OutputExistsError,
+    VerificationError,
+)
 from linearize.selection import select_window
 
 SMALL = dict(calib_tokens=2048, seq_len=128)
@@ -85,6 +92,71 @@ def test_healing_is_reported_with_the_perplexity_before_it(tiny_llama, data, tmp
     )
     assert "healing" not in off.selection and off.perplexity.before_healing is None
     assert off.perplexity.compressed == pytest.approx(report.perplexity.before_healing)
+
+
+def _layer_weights(model, position: int) -> dict:
+    return {n: t.detach().clone() for n, t in model.model.layers[position].state_dict().items()}
+
+
+def test_remove_drops_the_span_and_heals_the_layer_before_it(tiny_llama, data, tmp_path):
+    from linearize.surgery import remove_layers
+
+    off = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, method="remove", heal_steps=0),
+        output_dir=tmp_path / "off",
+    )
+    fitted = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, heal_steps=0), output_dir=tmp_path / "fit"
+    )
+    assert off.method == "remove" and fitted.method == "fold-lstsq"
+    assert off.replaced_layers == fitted.replaced_layers, "both choose the same window"
+    # Unhealed, the checkpoint is exactly the original model without the span's layers.
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    reference = remove_layers(copy.deepcopy(original), off.replaced_layers)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "off")
+    assert reloaded.config.linearize["removed"] == off.replaced_layers
+    assert reloaded.config.linearize["folds"] == []
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 32), generator=torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits)
+    assert off.perplexity.compressed > fitted.perplexity.compressed, "no map: a worse start"
+
+    # 80 steps: on this random model 20 do not improve the validation slice yet.
+    healed = pipeline.run(
+        compress_spec(tiny_llama, data, layers=2, method="remove", heal_steps=80),
+        output_dir=tmp_path / "h",
+    )
+    assert healed.method == "remove+heal"
+    assert healed.perplexity.before_healing == pytest.approx(off.perplexity.compressed, rel=1e-5)
+    healing = healed.selection["healing"]
+    before = min(healed.replaced_layers) - 1
+    assert healing["segment"] == [before, 3] and healing["kept"] == "healed"
+    assert healing["steps"] == 80
+    card = (tmp_path / "h" / "README.md").read_text()
+    assert "layers removed" in card and "replaced by fitted linear maps" not in card
+    assert healing["validation_after"] < healing["validation_before"]
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    # The layer before the span healed (its MLP output projection among them); the layers
+    # before it did not move.
+    trained = _layer_weights(after, before)
+    untouched = _layer_weights(original, before)
+    assert not torch.equal(trained["mlp.down_proj.weight"], untouched["mlp.down_proj.weight"])
+    for position in range(before):
+        for name, tensor in _layer_weights(after, position).items():
+            assert torch.equal(tensor, _layer_weights(original, position)[name]), name
+
+
+def test_remove_is_refused_with_the_linear_format_and_at_layer_zero(tiny_llama, data, tmp_path):
+    with pytest.raises(ValueError, match="method=remove drops the span"):
+        compress_spec(tiny_llama, data, layers=2, method="remove", format="linear")
+    with pytest.raises(ValueError, match="method"):
+        compress_spec(tiny_llama, data, layers=2, method="prune")
+    with pytest.raises(InputError, match="starts at layer 0"):
+        pipeline.run(
+            compress_spec(tiny_llama, data, indices=[0, 1], method="remove"),
+            output_dir=tmp_path / "o",
+        )
+    assert not (tmp_path / "o").exists()
 
 
 def test_explicit_indices_are_replaced_in_both_formats(tiny_llama, data, tmp_path):

@@ -99,6 +99,28 @@ def test_a_streamed_heal_on_more_than_the_fit_windows_runs_its_own_teacher_pass(
     assert "teacher" in streamed.timings
 
 
+def test_a_streamed_removal_heals_from_the_layer_before_the_span_like_a_resident_one(
+    sharded_llama, data, tmp_path
+):
+    resident = compress(
+        sharded_llama, data, tmp_path / "r", streaming="off", method="remove", heal_steps=0
+    )
+    streamed = compress(sharded_llama, data, tmp_path / "s", streaming="on", method="remove")
+    assert streamed.replaced_layers == resident.replaced_layers
+    assert streamed.perplexity.before_healing == pytest.approx(
+        resident.perplexity.compressed, rel=1e-3
+    )
+    healing = streamed.selection["healing"]
+    first, last = min(streamed.replaced_layers), max(streamed.replaced_layers)
+    # The teacher's target is the hidden state 4 layers from the cut (the layer before the
+    # span standing for it), capped at the last layer: positions counted after the removal.
+    end = min(last + 3, 5)
+    assert healing["segment"] == [first - 1, end - len(streamed.replaced_layers)]
+    assert healing["loss"].startswith("MSE of the hidden states") and healing["steps"] == 10
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert model.config.linearize["removed"] == streamed.replaced_layers
+
+
 def test_a_changed_layer_is_kept_in_memory_and_written_not_reread(sharded_llama, tmp_path):
     from linearize.checkpoint import write_model
     from linearize.placement import open_stack

@@ -13,6 +13,7 @@ from linearize.surgery import (
     AffineMap,
     LinearBlock,
     OutputFold,
+    check_removable,
     fold_and_remove,
     position_computing_through,
     remove_layers,
@@ -106,6 +107,25 @@ def test_the_position_after_a_fold_is_the_fold_target_for_the_folded_span():
     fold_and_remove(model, {(1, 1): OutputFold(_random_map(2, bias=False))})  # 3 into 0
     assert model.config.linearize["origins"] == [[0, 0], [4, 4], [5, 5]]
     assert [position_computing_through(model, base) for base in range(6)] == [0, 0, 0, 0, 1, 2]
+
+
+def test_the_position_before_removed_layers_stands_for_them():
+    model = build_tiny_model("llama")  # 6 layers
+    remove_layers(model, [2, 3])
+    # positions: 0 -> [0], 1 -> [1] (then 2, 3 removed: ends at 3), 2 -> [4], 3 -> [5]
+    assert [position_computing_through(model, base) for base in range(6)] == [0, 1, 1, 1, 2, 3]
+
+
+def test_a_removal_needs_a_layer_before_each_span_to_heal():
+    model = build_tiny_model("llama")
+    check_removable(model, [(1, 2), (4, 4)])
+    with pytest.raises(InputError, match="starts at layer 0"):
+        check_removable(model, [(0, 1)])
+    with pytest.raises(InputError, match="not a valid inclusive range"):
+        check_removable(model, [(4, 6)])
+    replace_with_linear(model, {(2, 2): _random_map(1, bias=True)})
+    with pytest.raises(InputError, match="layer 2, before it, has no MLP output projection"):
+        check_removable(model, [(3, 3)])
 
 
 def test_fold_and_remove_accepts_all_zero_bias_on_biasless_projection():
