@@ -486,6 +486,13 @@ function submitPage() {
     h("option", { value: "standard" }, "standard (folded HF checkpoint)"),
     h("option", { value: "linear" }, "linear (maps kept as modules)"),
   );
+  const method = h(
+    "select",
+    { id: "method" },
+    h("option", { value: "auto" }, "auto (the fitted map)"),
+    h("option", { value: "fit" }, "fit (least-squares map)"),
+    h("option", { value: "remove" }, "remove (drop the span, heal)"),
+  );
   const gate = number("gate_ppl_increase", "");
   const healSteps = number("heal_steps", "");
   const metadata = h("textarea", { id: "metadata", placeholder: "commit=abc123\nteam=platform" });
@@ -516,6 +523,12 @@ function submitPage() {
   );
   const evalField = field("eval_tokens", "Evaluation tokens", evalTokens);
   const formatField = field("format", "Format", format);
+  const methodField = field(
+    "method",
+    "Method",
+    method,
+    "remove: no map; better on text unlike the calibration text.",
+  );
   const gateField = field(
     "gate_ppl_increase",
     "Quality gate: max perplexity increase (%)",
@@ -528,7 +541,7 @@ function submitPage() {
     healSteps,
     "Empty: the default budget; 0 disables healing.",
   );
-  compressOnly.push(evalField, formatField, gateField, healField);
+  compressOnly.push(evalField, formatField, methodField, gateField, healField);
   const form = h(
     "form",
     { class: "card", id: "submit-form", novalidate: true },
@@ -548,7 +561,7 @@ function submitPage() {
       evalField,
       field("seq_len", "Sequence length", seqLen),
     ),
-    h("div", { class: "grid" }, formatField, gateField, healField),
+    h("div", { class: "grid" }, formatField, methodField, gateField, healField),
     field("metadata", "Metadata (key=value per line)", metadata),
     formError,
     submit,
@@ -602,6 +615,7 @@ function submitPage() {
     if (kind.value === "compress") {
       spec.eval_tokens = numberOrText(evalTokens.value);
       spec.format = format.value;
+      spec.method = method.value;
       const raw = budget.value.trim();
       if (budgetKind.value === "indices")
         spec.indices = raw ? raw.split(",").map((s) => numberOrText(s.trim())) : [];

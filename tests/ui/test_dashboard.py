@@ -132,6 +132,14 @@ def test_submit_follow_report_and_download_through_the_pages(tab, server, ui_tex
     page.fill("#gate_ppl_increase", "50")
     page.fill("#heal_steps", "30")
     page.fill("#metadata", f"commit=abc123\nnote={XSS}")
+    # A rule between two fields (no linear block to write for a removal) lands in the banner.
+    page.select_option("#method", "remove")
+    page.select_option("#format", "linear")
+    page.click("#submit-form button[type=submit]")
+    banner = page.locator("#form-error")
+    banner.wait_for(state="visible")
+    assert "method=remove drops the span" in banner.inner_text()
+    page.select_option("#format", "standard")
     page.click("#submit-form button[type=submit]")
     page.wait_for_url(re.compile(r".*/ui/jobs/job_[0-9a-f]+$"))
     job_id = page.url.rsplit("/", 1)[1]
@@ -146,6 +154,7 @@ def test_submit_follow_report_and_download_through_the_pages(tab, server, ui_tex
     layers = report["model"]["layers_before"]
     replaced = report["replaced_layers"]
     assert layers == 6 and len(replaced) == 2
+    assert report["method"] == "remove+heal"
 
     # One mark per layer; the replaced ones highlighted, with a band behind each.
     chart = page.locator('svg[data-chart="linearity-score"]')
