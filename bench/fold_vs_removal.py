@@ -16,7 +16,6 @@ and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -35,10 +34,7 @@ from linearize.architectures import decoder_layers  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--data", type=Path, default=Path("../shared/data/wikitext-2-raw/wiki.test.raw")
-    )
+    parser = healbench.argument_parser(__doc__)
     parser.add_argument("--budgets", default="2,4,8")
     parser.add_argument("--steps", default="0,25,50,100,200,400")
     parser.add_argument("--variants", default="fold,removal")

@@ -15,7 +15,6 @@ Writes bench/results/heal_tokens.json after every row (a cut-short run keeps wha
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -34,10 +33,7 @@ from linearize.architectures import decoder_layers  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--data", type=Path, default=Path("../shared/data/wikitext-2-raw/wiki.test.raw")
-    )
+    parser = healbench.argument_parser(__doc__)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument(
         "--heal-tokens", default="12288,16384,65536,131072", help="0 adds the fold unhealed"

@@ -10,6 +10,7 @@ Layer Pruning"; Chen et al. 2024, LLM-Streamline).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import sysconfig
@@ -53,6 +54,16 @@ def relnotes_text() -> str:
 
 OOD_TEXTS = {"licences": licence_text, "python": python_source_text}
 SEALED_TEXTS = {"relnotes": relnotes_text}
+
+
+WIKITEXT = Path("../shared/data/wikitext-2-raw/wiki.test.raw")
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: described by its docstring's first line, with --data (wikitext)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=WIKITEXT)
+    return parser
 
 
 def add_text_arguments(parser, *, ood_tokens: int) -> None:

@@ -40,7 +40,6 @@ keeps what ran) and bench/results/quality.png.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -246,10 +245,7 @@ def make_job(args, k: int) -> BenchJob:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data", type=Path, default=Path("../shared/data/wikitext-2-raw/wiki.test.raw")
-    )
+    parser = healbench.argument_parser(__doc__)
     parser.add_argument("--budgets", default="1,2,4,6,8")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--heal-steps", type=int, default=50)
