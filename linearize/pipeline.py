@@ -394,26 +394,14 @@ def injection_point(spec, indices: list[int]) -> int:
 
 
 def select(job: Job, stack, windows, analysis, baseline_val: float, n_layers: int):
-    from linearize.selection import (
-        check_indices,
-        max_budget,
-        rank_layers,
-        search_largest_budget,
-        select_window,
-    )
+    from linearize.selection import check_indices, max_budget, search_largest_budget
 
     spec = job.spec
-    # Held-out ranking: 1 - validation error of each layer's own affine map.
-    scores = [1 - row["validation_error"] for row in analysis.layers]
-    info = {
-        "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
-        "ranking": rank_layers(scores, n_layers),
-    }
+    choose, info = selection_rule(spec, analysis, n_layers)
     if spec.indices is not None:
         return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
-    info["rule"] = "the k adjacent layers with the highest total ranking signal (one span)"
     if spec.layers is not None:
-        return select_window(scores, spec.layers, n_layers), {**info, "mode": "layers"}
+        return choose(spec.layers), {**info, "mode": "layers"}
 
     def increase_for(indices: list[int]) -> float:
         trial = trial_stack(stack)
@@ -422,7 +410,7 @@ def select(job: Job, stack, windows, analysis, baseline_val: float, n_layers: in
         return 100 * (ppl["validation"] / baseline_val - 1)
 
     with job.timed("select"):
-        choices = [select_window(scores, k, n_layers) for k in range(1, max_budget(n_layers) + 1)]
+        choices = [choose(k) for k in range(1, max_budget(n_layers) + 1)]
         best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
     if not best:
         raise InputError(
@@ -433,11 +421,38 @@ def select(job: Job, stack, windows, analysis, baseline_val: float, n_layers: in
         **info,
         "mode": "target_ppl_increase",
         "search": (
-            "binary search on k, each k's best window of adjacent layers; each trial is "
-            "fitted without healing and measured on the validation slice"
+            "binary search on k, each k's choice by the rule above; each trial is "
+            f"{'removed' if removes(spec) else 'fitted'} without healing and measured on the "
+            "validation slice"
         ),
         "trace": trace,
     }
+
+
+def selection_rule(spec, analysis, n_layers: int):
+    """(k -> the layers to replace, the report's description of the ranking and the rule).
+
+    A fit replaces the window its maps fit best; a removal, which has no map, drops the layers
+    that change their input least (ShortGPT's block influence), wherever they are."""
+    from linearize.selection import rank_layers, select_least_influential, select_window
+
+    if removes(spec):
+        cosines = [row["cosine_in_out"] for row in analysis.layers]
+        info = {
+            "ranking_signal": "mean token cos(layer input, output) on the fit windows "
+            "(ShortGPT's block influence is 1 - cos)",
+            "ranking": rank_layers(cosines, n_layers),
+            "rule": "the k layers with the highest cos(input, output), adjacent or not",
+        }
+        return (lambda k: select_least_influential(cosines, k, n_layers)), info
+    # Held-out ranking: 1 - validation error of each layer's own affine map.
+    scores = [1 - row["validation_error"] for row in analysis.layers]
+    info = {
+        "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
+        "ranking": rank_layers(scores, n_layers),
+        "rule": "the k adjacent layers with the highest total ranking signal (one span)",
+    }
+    return (lambda k: select_window(scores, k, n_layers)), info
 
 
 def trial_stack(stack):

@@ -53,6 +53,15 @@ def select_window(scores: Sequence[float], k: int, n_layers: int) -> list[int]:
     return list(range(first, first + k))
 
 
+def select_least_influential(cosines: Sequence[float], k: int, n_layers: int) -> list[int]:
+    """The k layers among 1..L-2 whose output is most like their input (highest mean
+    cos(input, output), i.e. lowest block influence), adjacent or not: ShortGPT's choice, for a
+    removal. Removed and healed the same way, these beat removing the fit's window at k = 4 on
+    the bundled model, in domain and out of domain (BENCHMARKS.md, issue 16)."""
+    check_layer_budget(k, n_layers)
+    return sorted(rank_layers(cosines, n_layers)[:k])
+
+
 def contiguous_spans(indices: Sequence[int]) -> list[Span]:
     """[3, 4, 5, 9] -> [(3, 5), (9, 9)]."""
     spans: list[Span] = []

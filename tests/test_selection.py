@@ -3,7 +3,12 @@
 import pytest
 
 from linearize.errors import BudgetError
-from linearize.selection import contiguous_spans, search_largest_budget, select_window
+from linearize.selection import (
+    contiguous_spans,
+    search_largest_budget,
+    select_least_influential,
+    select_window,
+)
 
 
 def test_window_beats_scattered_top_layers():
@@ -13,6 +18,17 @@ def test_window_beats_scattered_top_layers():
     assert select_window(scores, 2, 10) == [6, 7]
     assert select_window(scores, 3, 10) == [5, 6, 7]
     assert select_window(scores, 1, 10) == [3]
+
+
+def test_a_removal_takes_the_least_influential_layers_wherever_they_are():
+    #          0     1     2     3     4     5     6     7     8     9
+    cosines = [0.99, 0.5, 0.6, 0.95, 0.2, 0.8, 0.8, 0.85, 0.3, 0.99]
+    # The highest cos(in, out) among 1..8: 3, then 7, then 5 and 6 (tie: the earlier first).
+    assert select_least_influential(cosines, 1, 10) == [3]
+    assert select_least_influential(cosines, 2, 10) == [3, 7]
+    assert select_least_influential(cosines, 3, 10) == [3, 5, 7]
+    with pytest.raises(BudgetError, match="at most L - 2 = 8"):
+        select_least_influential(cosines, 9, 10)
 
 
 def test_window_ties_go_to_the_earliest():
