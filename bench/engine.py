@@ -39,8 +39,8 @@ class BenchJob:
         other.job.placement = self.job.placement
         return other
 
-    def windows(self, tokenizer, eval_tokens):
-        return self.job.windows(tokenizer, eval_tokens)
+    def windows(self, tokenizer, eval_tokens, heal_tokens=None):
+        return self.job.windows(tokenizer, eval_tokens, heal_tokens=heal_tokens)
 
     def baseline_and_analysis(self, model, windows, tokenizer):
         """(baseline, baseline validation, Analysis) of a resident model."""

@@ -4,8 +4,8 @@ For each k, the default window of `linearize compress --layers k` is (a) folded,
 default does (the least-squares map folded into the `down_proj` of the layer before the span),
 or (b) simply removed: the fold with its map set to the identity. Both then get the engine's
 healing recipe (`linearize.healing`: the carrier plus the 4 layers from the cut, Adam 3e-4,
-centred-logit MSE against the original model's final hidden states, one window per step),
-counted in steps, and are measured at each step count of --steps (snapshots of one run, so
+centred-logit MSE against the original model's final hidden states, one window per step, on
+the fit windows or, with --heal-tokens N, on the first N tokens of the healing text), counted in steps, and are measured at each step count of --steps (snapshots of one run, so
 the curve is one optimiser trajectory) on the wikitext evaluation windows and out of domain.
 
     python bench/fold_vs_removal.py --data ../shared/data/wikitext-2-raw/wiki.test.raw
@@ -40,6 +40,13 @@ def main() -> None:
     parser.add_argument("--variants", default="fold,removal")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--heal-tokens",
+        type=int,
+        default=None,
+        help="heal on the first N tokens of the healing text (linearize compress --heal-tokens); "
+        "default: the fit windows",
+    )
     healbench.add_text_arguments(parser, ood_tokens=2048)
     parser.add_argument(
         "--json", type=Path, default=ROOT / "bench" / "results" / "fold_vs_removal.json"
@@ -51,14 +58,14 @@ def main() -> None:
     first = make_job(args, 1)
     loaded = first.load("smollm2-135m")
     model, tokenizer = loaded.model, loaded.tokenizer
-    windows = first.windows(tokenizer, eval_tokens=args.eval_tokens)
+    windows = first.windows(tokenizer, eval_tokens=args.eval_tokens, heal_tokens=args.heal_tokens)
     _, baseline_val, analysis = first.baseline_and_analysis(model, windows, tokenizer)
     sets = healbench.eval_sets(
         tokenizer, windows, args.ood.split(","), args.ood_tokens, args.measure_tokens
     )
     baseline = healbench.perplexities(model, sets)
     print("baseline", {k: round(v, 3) for k, v in baseline.items()}, flush=True)
-    teachers = healbench.TeacherCaches(model, windows.fit)
+    teachers = healbench.TeacherCaches(model, windows.heal)
     n_layers = len(decoder_layers(model))
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -66,6 +73,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "calib_tokens": args.calib_tokens,
         "fit_windows": len(windows.fit),
+        "heal_windows": len(windows.heal),
         "eval_tokens": sets["eval"].numel(),
         "ood_tokens": args.ood_tokens,
         "recipe": f"healing.heal defaults: lr {healing.DEFAULT_LR}, carrier + "
@@ -88,7 +96,7 @@ def main() -> None:
             heal, snaps = healbench.heal_counted(
                 trial,
                 teachers(start),
-                windows.fit,
+                windows.heal,
                 params,
                 max(checkpoints),
                 snapshot_at=checkpoints,
