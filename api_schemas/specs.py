@@ -19,9 +19,9 @@ Device = Literal["auto", "cpu", "cuda"]
 Streaming = Literal["auto", "on", "off"]
 BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
-# What stands in for the removed span before healing: "fit" its least-squares map (folded, or a
-# linear block), "remove" nothing (the span is dropped and the layer before it heals); "auto" is
-# "fit", the better of the two in domain at the default budget (BENCHMARKS.md, issue 16).
+# What stands in for the dropped layers before healing: "fit" a least-squares map (folded, or a
+# linear block), "remove" nothing (the layer before each cut heals); "auto" is "fit", the better
+# of the two in domain at the default budget (BENCHMARKS.md, issue 16).
 SpanMethod = Literal["auto", "fit", "remove"]
 ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task
 
@@ -114,9 +114,10 @@ class CompressSpec(_JobBase):
     format: OutputFormat = Field("standard", description="standard: folded, plain HF checkpoint.")
     method: SpanMethod = Field(
         "auto",
-        description="fit: replace the span by its least-squares map (folded into the layer "
-        "before it, or a linear block); remove: drop the span and heal the layer before it (no "
-        "map; better on text unlike the calibration text); auto: fit.",
+        description="fit: replace the best-fitting window of layers by its least-squares map "
+        "(folded into the layer before it, or a linear block); remove: drop the layers that "
+        "change their input least (highest cos(input, output)), no map, and heal from the layer "
+        "before each cut (better on text unlike the calibration text); auto: fit.",
     )
     heal_steps: int | None = Field(
         None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."

@@ -46,8 +46,9 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
     p.add_argument(
         "--method",
         choices=["auto", "fit", "remove"],
-        help="fit: replace the span by its least-squares map; remove: drop it and heal the layer "
-        "before it, better on text unlike the calibration text; default auto (= fit)",
+        help="fit: replace the best-fitting window of layers by its least-squares map; remove: "
+        "drop the layers that change their input least, no map, and heal (better on text "
+        "unlike the calibration text); default auto (= fit)",
     )
     p.add_argument(
         "--heal-steps",
