@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             "512",
             "--format",
             "standard",
+            # Half the default healing text: in its 60 s on 2 CPU cores the demo heals about
+            # 100 steps, which draw ~70 distinct windows of the default's 128 (64k tokens), and
+            # the teacher's pass over the other half would cost ~45 s of a 3-minute demo.
+            "--heal-tokens",
+            "32768",
             "--output",
             str(output),
             "--report",
