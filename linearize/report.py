@@ -263,6 +263,7 @@ def model_card(report: Report) -> str:
 
     m, p = report.model, report.perplexity
     removed = (report.method or "").startswith("remove")
+    healed = (report.method or "").endswith("+heal")
     body = [
         f"# {Path(m.source).name} with {len(report.replaced_layers)} layers "
         + ("removed" if removed else "linearized"),
@@ -270,7 +271,8 @@ def model_card(report: Report) -> str:
         f"Made by [linearize](https://example.invalid/linearize) from `{m.source}`: layers "
         f"{report.replaced_layers} were "
         + (
-            "removed, and the layers from the one before them on were healed"
+            "removed"
+            + (", and the layers from the one before each cut on healed" if healed else "")
             if removed
             else "replaced by fitted linear maps"
         )

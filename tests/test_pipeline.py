@@ -116,6 +116,8 @@ def test_remove_drops_the_span_and_heals_the_layer_before_it(tiny_llama, data, t
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "off")
     assert reloaded.config.linearize["removed"] == off.replaced_layers
     assert reloaded.config.linearize["folds"] == []
+    card = (tmp_path / "off" / "README.md").read_text()
+    assert "layers removed" in card and "healed" not in card.split("| metric")[0]
     ids = torch.randint(0, reloaded.config.vocab_size, (2, 32), generator=torch.Generator())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits)
