@@ -143,8 +143,9 @@ class SpanFit:
             if self.fmt == "linear" and index == start:
                 self.features[span][rows] = x
             if self.fmt == "standard" and index == start - 1:
-                self.features[span][rows] = self._mlp
-                self.bases[span][rows] = y - self._mlp
+                mlp = self._mlp.reshape(y.shape)  # Llama 4's MoE returns (tokens, d)
+                self.features[span][rows] = mlp
+                self.bases[span][rows] = y - mlp
             if index == end:
                 base = self.bases[span][rows] if self.fmt == "standard" else 0
                 self.stats[span].update(self.features[span][rows], y - base)
