@@ -34,6 +34,11 @@ class ModelInfo(_Model):
     bytes_after: int | None = Field(None, description="Parameter bytes after, same dtype.")
     checkpoint_bytes: int | None = Field(None, description="Bytes on disk of the checkpoint.")
     extra_params: int = Field(0, description="Parameters added by maps or biases.")
+    config_changes: list[str] | None = Field(
+        None,
+        description="config.json fields (dotted paths) the surgery changed; every other "
+        "non-weight file of the source is copied byte for byte.",
+    )
 
 
 class TriggerToken(_Model):

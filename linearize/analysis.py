@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from linearize.architectures import hidden_size
 from linearize.capture import PairStats, accumulation_dtype, reservoir_positions
 from linearize.fitting import DEFAULT_RIDGE, fit_affine
 from linearize.linearity import (
@@ -56,7 +57,7 @@ class LayerAnalysis:
 
     def __init__(self, stack, windows, tokenizer, *, reservoir_size: int, seed: int):
         self.windows, self.tokenizer = windows, tokenizer
-        self.d = stack.model.config.hidden_size
+        self.d = hidden_size(stack.model)
         self.acc = accumulation_dtype(stack.dtype, stack.device)
         fit = windows.fit
         self.seq_len = fit.shape[1]
@@ -170,7 +171,6 @@ def analyze(
 
 def measure_layers(job, stack, windows, tokenizer, *, with_eval: bool, observers=()):
     """The analysis stage of a job: checks N/d first, then one pass (see `analyze`)."""
-    from linearize.architectures import hidden_size
     from linearize.errors import DataError
 
     d = hidden_size(stack.model)

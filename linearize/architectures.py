@@ -35,6 +35,7 @@ class Architecture:
     layers_path: the decoder layers' ModuleList, relative to the causal-LM model.
     num_layers_key: the config attribute holding the number of decoder layers.
     per_layer_config_keys: config lists with one entry per layer (trimmed on removal).
+        Both live in the text config (`layer_config`): a multimodal wrapper's `text_config`.
     mlp_out / attn_out: the block's MLP and attention output projections, relative to a layer.
     weight_layout: "out_in" for nn.Linear (y = x Wᵀ + b), "in_out" for GPT-2's Conv1D (y = x W + b).
     parallel_residual: whether a layer computes x + attn(ln1 x) + mlp(ln2 x), so that the attention
@@ -122,6 +123,26 @@ _ENTRIES = (
     _llama_like("gemma2", per_layer_config_keys=("layer_types",), fold_blocker=_gemma_post_norm),
     _llama_like(
         "gemma3_text", per_layer_config_keys=("layer_types",), fold_blocker=_gemma_post_norm
+    ),
+    # Multimodal wrappers: only the language backbone is compressed; the vision tower and
+    # projector sit beside it and are written back unchanged.
+    _llama_like("llava", layers_path="model.language_model.layers"),
+    _llama_like("mistral3", layers_path="model.language_model.layers"),
+    _llama_like(
+        "qwen2_5_vl",
+        layers_path="model.language_model.layers",
+        per_layer_config_keys=("layer_types",),
+    ),
+    _llama_like(
+        "qwen3_vl",
+        layers_path="model.language_model.layers",
+        per_layer_config_keys=("layer_types",),
+    ),
+    _llama_like(
+        "gemma3",
+        layers_path="model.language_model.layers",
+        per_layer_config_keys=("layer_types",),
+        fold_blocker=_gemma_post_norm,
     ),
     Architecture(
         name="gpt2",
@@ -284,11 +305,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(get_architecture(model).layers_path)
 
 
+def layer_config(model_or_config: Any) -> Any:
+    """The config that describes the decoder layers: a multimodal wrapper's `text_config`
+    (shared with its language model), the config itself for a causal LM."""
+    config = _config_of(model_or_config)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers (embeddings, layers, final norm): called with
+    `input_ids` only it returns the last hidden state, for a wrapper without its vision tower."""
+    parent_path = get_architecture(model).layers_path.rpartition(".")[0]
+    return model.get_submodule(parent_path)
+
+
 def num_layers(model_or_config: Any) -> int:
     config = _config_of(model_or_config)
-    return int(getattr(config, get_architecture(config).num_layers_key))
+    return int(getattr(layer_config(config), get_architecture(config).num_layers_key))
 
 
 def hidden_size(model_or_config: Any) -> int:
     # Every registered config maps `hidden_size` (GPT-2 through its attribute_map to n_embd).
-    return int(_config_of(model_or_config).hidden_size)
+    return int(layer_config(model_or_config).hidden_size)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from linearize.architectures import hidden_size, text_model
+
 log = logging.getLogger(__name__)
 
 
@@ -298,7 +300,7 @@ def run_decoder(model, input_ids: torch.Tensor) -> None:
     """A forward of the decoder stack only (no LM head), without a KV cache."""
     device = next(model.parameters()).device
     with contextlib.suppress(StopForward):
-        model.base_model(input_ids=input_ids.to(device), use_cache=False)
+        text_model(model)(input_ids=input_ids.to(device), use_cache=False)
 
 
 def reservoir_positions(n_tokens: int, size: int, seed: int) -> torch.Tensor:
@@ -333,7 +335,7 @@ def collect_layer_stats(
     Nothing in the hooks waits for the device: reservoir rows are copied off it asynchronously and
     the pass synchronises once at the end.
     """
-    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    d = hidden_size(model)
     param = next(model.parameters())
     acc = accumulate_dtype or accumulation_dtype(param.dtype, param.device)
     stats = [PairStats(d, d, accumulate_dtype=acc) for _ in layers]

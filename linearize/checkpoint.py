@@ -1,9 +1,16 @@
-"""Checkpoints: sharded safetensors + config + generation config + tokenizer + linearize.json.
+"""Checkpoints: sharded safetensors + config + the source's other files + linearize.json.
+
+Every non-weight file of the source (tokenizer files, chat template, generation config,
+processor and preprocessor configs, special tokens map, ...) is copied byte for byte; the
+source's model card is kept as `README.source.md` beside ours. config.json is the source's with
+only the fields the surgery changed rewritten (`StagedCheckpoint.config_changes` lists them). A
+GGUF source has no such files: its tokenizer and config are written by transformers.
 
 Two formats:
 
 - "standard": folded/removed layers only. A plain transformers checkpoint with fewer layers;
-  `AutoModelForCausalLM.from_pretrained` loads it.
+  the family's own auto class loads it (`AutoModelForCausalLM`, or
+  `AutoModelForImageTextToText` for a multimodal wrapper, whose vision tower is kept).
 - "linear": some decoder positions hold `LinearBlock`s. The layout lives in config.json under
   `linearize` (see linearize.surgery: `linear_blocks` gives each block's position and bias) and is
   repeated in linearize.json. The weights are written as `linearize.safetensors` (or
@@ -47,6 +54,9 @@ LINEAR_WEIGHTS_PREFIX = "linearize"
 STANDARD_WEIGHTS_PREFIX = "model"
 FORMATS = ("standard", "linear")
 DEFAULT_TAGS = ("linearize", "pruned")
+SOURCE_CARD_NAME = "README.source.md"
+# What a linearize checkpoint holds of its own: not copied when such a checkpoint is the source.
+OWN_FILES = (MANIFEST_NAME, "README.md", "report.json", "report.md", "*.png")
 
 
 # --- publishing --------------------------------------------------------------------------------
@@ -59,11 +69,14 @@ class StagedCheckpoint:
     one rename. Used as a context manager, it deletes the staging directory unless published.
     """
 
-    def __init__(self, path: Path, output_dir: Path, *, force: bool) -> None:
+    def __init__(
+        self, path: Path, output_dir: Path, *, force: bool, config_changes: list[str] | None = None
+    ) -> None:
         self.path = path
         self.output_dir = output_dir
         self.force = force
         self.published = False
+        self.config_changes = config_changes or []  # dotted config.json fields that changed
 
     def write_files(self, files: Mapping[str, str | bytes]) -> None:
         """Add or overwrite top-level files (e.g. report.json, README.md) in the staging dir."""
@@ -102,8 +115,15 @@ def stage_checkpoint(
     resolved_spec: dict,
     force: bool = False,
     shard_size: str | int = "200MB",
+    files_dir: str | os.PathLike | None = None,
+    source_config: Any = None,
 ) -> StagedCheckpoint:
     """Write the whole checkpoint into a staging dir next to `output_dir` and return it.
+
+    With `files_dir` (the source directory), its non-weight files are copied byte for byte and
+    its config.json is patched where the model's config differs from `source_config` (the
+    config as loaded; read from `files_dir` when not given). Without it (a GGUF source) the
+    tokenizer, config and generation config are written by transformers.
 
     Refuses a non-empty `output_dir` unless `force` (checked now, to fail before the slow write,
     and again at publish). A failure while writing removes the staging dir.
@@ -116,16 +136,22 @@ def stage_checkpoint(
     from linearize.stack import as_stack
 
     stack = as_stack(model)
+    files_dir = Path(files_dir) if files_dir is not None else None
     try:
-        fmt = write_model(stack, staging, shard_size=shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        fmt = write_model(stack, staging, shard_size=shard_size, config=files_dir is None)
+        if files_dir is None:
+            changes = _changed_fields(source_config, stack.model.config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        else:
+            copy_source_files(files_dir, staging)
+            changes = write_patched_config(stack.model, files_dir, staging, source_config)
         _write_manifest(staging, stack.model, fmt, resolved_spec)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("checkpoint (%s format) staged at %s", fmt, staging)
-    return StagedCheckpoint(staging, output_dir, force=force)
+    return StagedCheckpoint(staging, output_dir, force=force, config_changes=changes)
 
 
 def save_checkpoint(
@@ -137,6 +163,8 @@ def save_checkpoint(
     force: bool = False,
     shard_size: str | int = "200MB",
     extra_files: Mapping[str, str | bytes] | None = None,
+    files_dir: str | os.PathLike | None = None,
+    source_config: Any = None,
 ) -> Path:
     """Stage and publish in one go (no verification in between); returns the output dir."""
     staged = stage_checkpoint(
@@ -146,6 +174,8 @@ def save_checkpoint(
         resolved_spec=resolved_spec,
         force=force,
         shard_size=shard_size,
+        files_dir=files_dir,
+        source_config=source_config,
     )
     with staged:
         return staged.publish(extra_files)
@@ -221,11 +251,11 @@ def serializable_model(model: nn.Module) -> nn.Module:
     """
     if getattr(model.config, "quantization_config", None) is None:
         return model
-    from transformers import AutoModelForCausalLM
+    from linearize.loading import model_class
 
     config = copy.deepcopy(model.config)
     del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=_floating_dtype(model))
+    fresh = model_class(config).from_config(config, dtype=_floating_dtype(model))
     install_recorded_linear_blocks(fresh)
     fresh.load_state_dict(model.state_dict(), strict=True)
     fresh.generation_config = copy.deepcopy(model.generation_config)
@@ -233,8 +263,9 @@ def serializable_model(model: nn.Module) -> nn.Module:
     return fresh.eval()
 
 
-def write_model(stack, directory: Path, *, shard_size: str | int) -> str:
-    """Write config, generation config and weights, streaming tensors into new shards.
+def write_model(stack, directory: Path, *, shard_size: str | int, config: bool = True) -> str:
+    """Write the weights, streaming tensors into new shards, and (with `config`) the config and
+    generation config as transformers serialises them.
 
     Each tensor comes from memory (the trunk, layers the job changed or loaded) or straight
     from the source shards under the layer's original name (a streamed layer nobody touched),
@@ -257,7 +288,8 @@ def write_model(stack, directory: Path, *, shard_size: str | int) -> str:
         size += nbytes
     shards.append(_flush(current, directory, prefix, len(shards)))
     _name_shards(shards, directory, prefix)
-    _write_config(model, directory)
+    if config:
+        _write_config(model, directory)
     return fmt
 
 
@@ -323,16 +355,116 @@ def _write_config(model, directory: Path) -> None:
         model.generation_config.save_pretrained(directory)
 
 
+# --- the source's other files ------------------------------------------------------------------
+
+
+def copy_source_files(source: Path, directory: Path) -> list[str]:
+    """Copy every top-level non-weight file of `source` byte for byte; returns their names.
+
+    config.json is patched separately (`write_patched_config`); the source's README.md (its
+    model card) is kept as README.source.md, since README.md will be ours. Of a linearize
+    checkpoint, its manifest, report and card are not copied (this run writes its own).
+    """
+    from fnmatch import fnmatch
+
+    from linearize.loading import WEIGHT_PATTERNS
+
+    ours = (source / MANIFEST_NAME).is_file()
+    copied = []
+    for path in sorted(source.iterdir()):
+        name = path.name
+        skip = WEIGHT_PATTERNS + ("config.json",) + (OWN_FILES if ours else ())
+        if not path.is_file() or any(fnmatch(name, pattern) for pattern in skip):
+            continue
+        target = SOURCE_CARD_NAME if name == "README.md" else name
+        shutil.copyfile(path, directory / target)
+        copied.append(name)
+    logger.info("copied %d files of %s byte for byte: %s", len(copied), source, copied)
+    return copied
+
+
+def write_patched_config(
+    model: nn.Module, source: Path, directory: Path, source_config: Any = None
+) -> list[str]:
+    """config.json: the source's JSON with only the fields that differ between the config as
+    loaded and the model's now (layer count, per-layer lists, the linearize layout, a changed
+    dtype) rewritten. Returns those fields as dotted paths."""
+    path = source / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"cannot read {path}: {err}") from err
+    if source_config is None:
+        from transformers import AutoConfig
+
+        source_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    changes = _changed_fields(source_config, model.config)
+    after = _config_dict(model.config)
+    for field in changes:
+        _set_path(raw, after, field.split("."))
+    changes += _patch_dtype(raw, model)
+    (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return changes
+
+
+def _changed_fields(before: Any, after: Any) -> list[str]:
+    """Dotted paths of the config fields whose values differ (recursing into sub-configs)."""
+    if before is None:
+        return []
+    return _dict_diff(_config_dict(before), _config_dict(after))
+
+
+def _config_dict(config: Any) -> dict:
+    config = copy.deepcopy(config)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+def _dict_diff(before: dict, after: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _dict_diff(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def _set_path(raw: dict, after: dict, keys: list[str]) -> None:
+    """raw[k0][k1]... = after[k0][k1]...; where the source's JSON lacks the sub-dict (a section
+    left to its defaults), the whole section of `after` goes in, so nothing defaulted is lost."""
+    head, rest = keys[0], keys[1:]
+    if rest and isinstance(raw.get(head), dict) and isinstance(after.get(head), dict):
+        _set_path(raw[head], after[head], rest)
+    elif head in after and after[head] is not None:
+        raw[head] = after[head]
+    else:
+        raw.pop(head, None)
+
+
+def _patch_dtype(raw: dict, model: nn.Module) -> list[str]:
+    """Point the source's dtype field at the written weights' dtype where it names another."""
+    written = str(_floating_dtype(model)).removeprefix("torch.")
+    changed = [key for key in ("dtype", "torch_dtype") if raw.get(key) not in (None, written)]
+    for key in changed:
+        raw[key] = written
+    return changed
+
+
 def _write_manifest(directory: Path, model: nn.Module, fmt: str, resolved_spec: dict) -> None:
     from linearize import __version__
+    from linearize.loading import model_class
 
+    auto_class = model_class(model.config).__name__
     manifest = {
         "linearize_version": __version__,
         "format": fmt,
         "model_type": model.config.model_type,
         "load_with": "linearize.load(path)"
         if fmt == "linear"
-        else "transformers.AutoModelForCausalLM.from_pretrained(path)",
+        else f"transformers.{auto_class}.from_pretrained(path)",
         "weights_prefix": LINEAR_WEIGHTS_PREFIX if fmt == "linear" else STANDARD_WEIGHTS_PREFIX,
         "layout": getattr(model.config, "linearize", None),
         "resolved_spec": resolved_spec,
@@ -376,11 +508,14 @@ def load(
 
 
 def _load_standard(path: Path, dtype: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from linearize.loading import model_class
 
     kwargs = {"dtype": _as_torch_dtype(dtype)} if dtype is not None else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        return model_class(config).from_pretrained(
             path, trust_remote_code=False, use_safetensors=True, **kwargs
         )
     except (OSError, ValueError) as err:
@@ -388,7 +523,9 @@ def _load_standard(path: Path, dtype: Any) -> nn.Module:
 
 
 def _load_linear(path: Path, dtype: Any, manifest: dict) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
+
+    from linearize.loading import model_class
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     layout = getattr(config, "linearize", None)
@@ -396,7 +533,7 @@ def _load_linear(path: Path, dtype: Any, manifest: dict) -> nn.Module:
         raise ModelSourceError(f"{path}: config.json and {MANIFEST_NAME} disagree on the layout")
     state = _read_linear_weights(path)
     dtype = _as_torch_dtype(dtype) or next(iter(state.values())).dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model_class(config).from_config(config, dtype=dtype)
     install_recorded_linear_blocks(model)
     _load_state_strictly(model, state, path)
     if (path / "generation_config.json").is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from linearize.architectures import hidden_size
 from linearize.capture import CenteredStats, PairStats
 from linearize.surgery import AffineMap
 
@@ -97,7 +98,7 @@ class SpanFit:
         if teacher_start is None and teacher_end is not None:
             raise ValueError("teacher_end without teacher_start: no teacher to collect")
         self.stack, self.planner, self.spans, self.fmt = stack, planner, spans, fmt
-        d = stack.model.config.hidden_size
+        d = hidden_size(stack.model)
         self.stats = {span: PairStats(d, d, extras=False) for span in spans}
         n, seq_len = ids.shape
 

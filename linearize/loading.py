@@ -6,6 +6,7 @@ Safety rules hold for every source: safetensors or GGUF only (never pickle), and
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -24,7 +25,23 @@ class LoadedModel:
     model: object  # transformers PreTrainedModel, eval mode
     tokenizer: object
     source: str
-    kind: str  # alias | gguf | directory | hub | linearize
+    kind: str  # alias | gguf | directory | hub | linearize | streamed
+    # The directory whose non-weight files (tokenizer, processor, chat template, generation
+    # config) the checkpoint copies byte for byte; None for a GGUF source, which has none.
+    files_dir: Path | None = None
+    # The config as loaded, before any surgery: config.json changes only where this differs.
+    source_config: object = None
+
+
+def model_class(config):
+    """The auto class a config's checkpoint loads with: a multimodal wrapper (a config with a
+    vision sub-config) loads as image-text-to-text so that its vision tower comes along;
+    everything else as a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if "vision_config" in getattr(type(config), "sub_configs", {}):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def bundled_gguf_path(alias: str) -> Path:
@@ -85,6 +102,7 @@ def load_model(
             loaded = _load_hub(source, dtype)
     loaded.model.to(resolve_device(device))
     loaded.model.eval()
+    loaded.source_config = copy.deepcopy(loaded.model.config)
     return loaded
 
 
@@ -119,28 +137,59 @@ def _load_directory(path: Path, dtype: str) -> LoadedModel:
         from linearize.checkpoint import load as load_checkpoint
 
         model = load_checkpoint(path, dtype=None if dtype == "auto" else dtype)
-        return LoadedModel(model, load_tokenizer(path), str(path), "linearize")
+        return LoadedModel(model, load_tokenizer(path), str(path), "linearize", files_dir=path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} is not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(
             f"{path} has no .safetensors weights; pickle checkpoints (.bin/.pt) are refused"
         )
-    return LoadedModel(
-        _from_pretrained(str(path), dtype), load_tokenizer(path), str(path), "directory"
-    )
+    model = _from_pretrained(str(path), dtype)
+    return LoadedModel(model, load_tokenizer(path), str(path), "directory", files_dir=path)
 
 
 def _load_hub(repo_id: str, dtype: str) -> LoadedModel:
     # Goes through the standard HF cache, so HF_HUB_OFFLINE=1 works from a populated cache.
-    return LoadedModel(_from_pretrained(repo_id, dtype), load_tokenizer(repo_id), repo_id, "hub")
+    model = _from_pretrained(repo_id, dtype)
+    loaded = LoadedModel(model, load_tokenizer(repo_id), repo_id, "hub")
+    loaded.files_dir = hub_files_dir(repo_id)
+    return loaded
+
+
+def hub_files_dir(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model's non-weight files (fetched into the HF cache), or
+    None when it cannot be had: the checkpoint then writes the tokenizer as transformers does."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, ignore_patterns=[*WEIGHT_PATTERNS]))
+    except Exception as exc:  # noqa: BLE001 - the files are a copy; their absence is logged
+        log.warning("cannot fetch the non-weight files of %s: %s", repo_id, _first_line(exc))
+        return None
+
+
+# Weight files of any format: never copied as "other files" of a source.
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.gguf",
+    "*.onnx",
+)
 
 
 def _from_pretrained(where: str, dtype: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(where, trust_remote_code=False)
+        return model_class(config).from_pretrained(
             where,
             dtype=torch_dtype(dtype) or "auto",
             use_safetensors=True,

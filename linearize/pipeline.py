@@ -372,7 +372,9 @@ def healing_text(job: Job, stack) -> dict:
     seq_len = spec.seq_len
     n_calib = spec.calib_tokens // seq_len
     fit_tokens = (n_calib - max(1, math.ceil(spec.validation_fraction * n_calib))) * seq_len
-    per_token = 3 * stack.model.config.hidden_size * stack.dtype.itemsize
+    from linearize.architectures import hidden_size
+
+    per_token = 3 * hidden_size(stack.model) * stack.dtype.itemsize
     room = job.planner(stack).device_free // 2 // per_token
     steps = budget[0] * HEAL_BATCH * seq_len
     tokens = min(steps, DEFAULT_HEAL_TOKENS, room)
@@ -684,7 +686,10 @@ def save_and_verify(
             resolved_spec=spec_json,
             force=force,
             shard_size=shard_size(job.placement),
+            files_dir=loaded.files_dir,
+            source_config=loaded.source_config,
         )
+    report.model.config_changes = staged.config_changes
     stack.drop()  # streamed: the checkpoint now holds the changed layers; measure the reload
     with staged:  # discarded unless published
         with job.timed("verify"):

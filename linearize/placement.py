@@ -9,6 +9,7 @@ refused before any work starts.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,13 +106,14 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
     in the dtype the job will run in (from the shard headers only)."""
     from transformers import AutoConfig
 
-    from linearize.architectures import get_architecture, num_layers
+    from linearize.architectures import get_architecture, hidden_size, num_layers
     from linearize.loading import torch_dtype
     from linearize.weights import ShardedWeights
 
     weights = ShardedWeights.open(directory, prefix)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    arch = get_architecture(config)
+    get_architecture(config)  # an unsupported family is refused before the skeleton is built
+    model_names, layers_prefix, head_prefix = _model_names(weights, config)
     target = torch_dtype(dtype)
 
     def size(entry) -> int:
@@ -121,21 +123,18 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
 
     per_layer = [0] * num_layers(config)
     trunk = head = 0
-    layer_prefix = arch.layers_path.split(".", 1)[-1] + "."  # keys may omit the base prefix
     for key, entry in weights.entries.items():
-        rest = key.split(layer_prefix, 1)
-        if len(rest) == 2 and rest[1].split(".", 1)[0].isdigit():
-            index = int(rest[1].split(".", 1)[0])
-            if index < len(per_layer):
-                per_layer[index] += size(entry)
-                continue
-        if key.startswith(("lm_head.", "embed_out.")):
+        name = model_names.get(key, key)
+        position = name[len(layers_prefix) :].split(".", 1)[0]
+        if name.startswith(layers_prefix) and position.isdigit() and int(position) < len(per_layer):
+            per_layer[int(position)] += size(entry)
+        elif name.startswith(head_prefix):
             head += size(entry)
         else:
             trunk += size(entry)
     itemsize = target.itemsize if target is not None else _checkpoint_dtype(weights).itemsize
     return {
-        "hidden": int(config.hidden_size),
+        "hidden": hidden_size(config),
         "itemsize": itemsize,
         "total": sum(per_layer) + trunk + head,
         "largest_layer": max(per_layer, default=0),
@@ -145,6 +144,28 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
 
 
 _FLOAT_NAMES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _model_names(weights, config) -> tuple[dict[str, str], str, str]:
+    """The model's name of each shard tensor (hub layouts differ from the model's own, e.g. a
+    wrapper's `language_model.model.layers.N.`), the layers' and the output head's prefixes.
+
+    Names come from the conversion mapping transformers applies on load, bound on a skeleton
+    built on `meta` (no memory)."""
+    from accelerate import init_empty_weights
+
+    from linearize.architectures import get_architecture
+    from linearize.checkpoint import install_recorded_linear_blocks
+    from linearize.loading import model_class
+    from linearize.stack import module_prefix
+
+    with init_empty_weights(include_buffers=False):
+        skeleton = model_class(config).from_config(config)
+        install_recorded_linear_blocks(skeleton)
+    weights.bind(skeleton)
+    names = {key: model for model, key in weights.aliases.items()}
+    head = module_prefix(skeleton, skeleton.get_output_embeddings())
+    return names, get_architecture(config).layers_path + ".", head
 
 
 def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path, str]:
@@ -206,11 +227,17 @@ def _open_streamed(source: str, directory: Path, prefix: str, dtype: str, device
     """A skeleton on `meta` whose trunk is read now and whose layers are read per pass."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from linearize.architectures import decoder_layers, get_architecture
     from linearize.checkpoint import install_recorded_linear_blocks
-    from linearize.loading import LoadedModel, load_tokenizer, torch_dtype
+    from linearize.loading import (
+        BUNDLED_ALIASES,
+        LoadedModel,
+        load_tokenizer,
+        model_class,
+        torch_dtype,
+    )
     from linearize.stack import LayerStack
     from linearize.weights import ShardedWeights
 
@@ -218,7 +245,7 @@ def _open_streamed(source: str, directory: Path, prefix: str, dtype: str, device
     weights = ShardedWeights.open(directory, prefix)
     run_dtype = torch_dtype(dtype) or _checkpoint_dtype(weights)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=run_dtype)
+        model = model_class(config).from_config(config, dtype=run_dtype)
         install_recorded_linear_blocks(model)
     weights.bind(model)
     layers_path = get_architecture(model).layers_path
@@ -228,7 +255,10 @@ def _open_streamed(source: str, directory: Path, prefix: str, dtype: str, device
     load_trunk(stack)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
+    gguf = source in BUNDLED_ALIASES or source.endswith(".gguf")  # its files are ours, not copies
     loaded = LoadedModel(model, load_tokenizer(directory), source, "streamed")
+    loaded.files_dir = None if gguf else directory
+    loaded.source_config = copy.deepcopy(model.config)
     loaded.stack = stack
     return loaded
 

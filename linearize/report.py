@@ -308,7 +308,11 @@ def model_card(report: Report) -> str:
             "",
         ]
     else:
-        body += ["Loads with plain `AutoModelForCausalLM.from_pretrained(path)`.", ""]
+        body += [
+            "Loads with plain `from_pretrained(path)` of its transformers auto class "
+            "(`load_with` in linearize.json).",
+            "",
+        ]
     return render_model_card(
         "\n".join(body),
         base_model=m.source,

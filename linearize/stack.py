@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from linearize.architectures import decoder_layers, get_architecture
+from linearize.architectures import (
+    decoder_layers,
+    get_architecture,
+    hidden_size,
+    layer_config,
+    text_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +159,7 @@ class LayerStack:
         """Hidden states entering layer 0 for `ids` (B, S); records the layers' call arguments."""
         catcher = _CallRecorder(len(self.layers))
         with self._catchers(catcher):
-            self.model.base_model(input_ids=ids.to(self.device), use_cache=False)
+            text_model(self.model)(input_ids=ids.to(self.device), use_cache=False)
         self._calls[tuple(ids.shape)] = catcher.calls
         return catcher.first_input
 
@@ -171,13 +177,13 @@ class LayerStack:
         catcher = _CallRecorder(len(self.layers), inject=hidden)
         dummy = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
         with self._catchers(catcher):
-            out = self.model.base_model(input_ids=dummy, use_cache=False)
+            out = text_model(self.model)(input_ids=dummy, use_cache=False)
         return out.last_hidden_state
 
     def logits(self, head: nn.Module, final: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states (rows, d); Gemma's soft cap applied as the model does."""
         logits = head(final).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        cap = getattr(layer_config(self.model), "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -205,7 +211,7 @@ class LayerStack:
 
     def open_streams(self, planner, windows: dict[str, torch.Tensor]) -> dict[str, Stream]:
         """Embed each window set into a fresh activation cache (the input of layer 0)."""
-        d = self.model.config.hidden_size
+        d = hidden_size(self.model)
         streams = {}
         for name, ids in windows.items():
             cache = planner.allocate(len(ids), ids.shape[1], d, self.dtype)

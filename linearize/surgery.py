@@ -33,6 +33,7 @@ from linearize.architectures import (
     decoder_layers,
     get_architecture,
     hidden_size,
+    layer_config,
     num_layers,
 )
 from linearize.errors import FoldError, InputError, UnsupportedArchitectureError
@@ -457,7 +458,7 @@ def _rebuild(
         raise InputError("surgery would remove every decoder layer")
     new_layers = [replacements.get(pos, old_layers[pos]) for pos in kept]
     _set_layers(model, arch, nn.ModuleList(new_layers))
-    _trim_config(model.config, arch, kept)
+    _trim_config(layer_config(model), arch, kept)
     _renumber_layer_indices(new_layers)
     layout["origins"] = [new_origins.get(pos, layout["origins"][pos]) for pos in kept]
     layout["linear_blocks"] = [

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 from tiny_models import ARCHITECTURES as TINY_ARCHITECTURES
 from tiny_models import build_tiny_config, build_tiny_model
+from tiny_multimodal import MULTIMODAL
 
 from linearize.architectures import (
     ARCHITECTURES,
@@ -17,7 +18,7 @@ from linearize.errors import UnsupportedArchitectureError
 
 
 def test_registry_covers_every_tiny_architecture():
-    assert set(ARCHITECTURES) == set(TINY_ARCHITECTURES)
+    assert set(ARCHITECTURES) == set(TINY_ARCHITECTURES) | set(MULTIMODAL)
 
 
 @pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
