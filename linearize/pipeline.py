@@ -189,6 +189,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     _check_budget_early(spec, n_layers)
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
+    texts, replayed = outside_texts(job, tokenizer, windows)
     whole = whole_model_measures(job, stack)
     if whole:
         with job.progress.stage("behaviour", total=1, message="original model"):
@@ -196,6 +197,11 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
         job, stack, windows, tokenizer, behaviour
     )
+    if texts:
+        from linearize.texts import record_baselines, window_sets
+
+        ppl, _ = perplexities(job, stack, window_sets(texts), "evaluate")
+        record_baselines(texts, ppl)
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
@@ -211,6 +217,8 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
             job, stack, windows, teacher, carriers, last, budget, neighbours
         )
         info = selection["healing"]
+        if replayed:
+            info["replay"] = replayed
         compressed_val = info[
             "validation_after" if info["kept"] == "healed" else "validation_before"
         ]
@@ -244,8 +252,22 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         notes=job.notes,
     )
     return save_and_verify(
-        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole
+        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole, texts
     )
+
+
+def outside_texts(job: Job, tokenizer, windows):
+    """The texts measured besides the evaluation half (linearize.texts), and the replay of
+    general text in the healing windows (linearize.replay; None when it is off)."""
+    from linearize.replay import replay
+    from linearize.texts import eval_texts
+
+    texts = eval_texts(job.spec, tokenizer, job.notes)
+    replayed = None
+    if healing_budget(job.spec):
+        with job.timed("data"):
+            replayed = replay(job.spec, tokenizer, windows, job.notes)
+    return texts, replayed
 
 
 def whole_model_measures(job: Job, stack) -> bool:
@@ -576,8 +598,8 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
 
 def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
     """Distil the maps; keep the result only if the validation perplexity improved."""
+    from linearize.healing import TOPK, default_loss, healing_params, restore, snapshot
     from linearize.healing import heal as distil
-    from linearize.healing import healing_params, restore, snapshot
 
     max_steps, max_seconds = budget
     if stack.streamed:
@@ -600,6 +622,7 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
             max_steps=max_steps,
             max_seconds=max_seconds,
             seed=job.spec.seed,
+            loss_fn=default_loss(stack, teacher, job.spec.heal_loss),
             on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
         )
         stopped_by = "step cap" if result.steps >= max_steps else f"{max_seconds:g} s time budget"
@@ -619,7 +642,9 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         "validation_before": val_before,
         "validation_after": val_after,
         "kept": "healed" if kept else "fitted",
-        "loss": teacher.loss_name,
+        "loss": teacher.loss_name
+        if job.spec.heal_loss == "mse" or teacher.kind != "final"
+        else f"KL(teacher || student) on the teacher's top-{TOPK} logits (linearize.healing)",
         "segment": [teacher.start, last],  # positions the distillation runs through
         "neighbour_layers": neighbours,
         "trained_parameters": sum(p.numel() for p in params),
@@ -664,6 +689,7 @@ def save_and_verify(
     residuals,
     behaviour,
     whole: bool,
+    texts=(),
 ) -> Report:
     """Stage the checkpoint, reload it from disk, check it reproduces the in-memory model on
     the validation slice, measure it on the evaluation windows (perplexity and agreement with
@@ -688,7 +714,9 @@ def save_and_verify(
     with staged:  # discarded unless published
         with job.timed("verify"):
             reloaded = job.load(str(staged.path)).stack
-        sets = {"validation": windows.validation, "eval": windows.eval}
+        from linearize.texts import results, window_sets
+
+        sets = {"validation": windows.validation, "eval": windows.eval, **window_sets(texts)}
         meter = eval_positions(behaviour.meter_hook(), windows)
         ppl, seconds = perplexities(job, reloaded, sets, "verify", [meter])
         _check_reload(ppl["validation"], report.perplexity.validation_compressed)
@@ -699,6 +727,7 @@ def save_and_verify(
         p = report.perplexity
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
+        report.eval_texts = results(texts, ppl, p.increase_pct)
         p.validation_reloaded = ppl["validation"]
         report.throughput.tokens_per_s_after = windows.count("eval") / seconds["eval"]
         model = reloaded.model
