@@ -22,7 +22,8 @@ BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
 # What stands in for the dropped layers before healing: "fit" a least-squares map (folded, or a
 # linear block), "remove" nothing (the layer before each cut heals); "auto" is "fit", the better
-# of the two in domain at the default budget (BENCHMARKS.md, issue 16).
+# of the two in domain at the default budget (BENCHMARKS.md, issue 16), unless the general text
+# mixture is built: then the one that measures better on it (linearize.auto).
 SpanMethod = Literal["auto", "fit", "remove"]
 ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task
 GENERAL_TEXT = "general"  # the mixture's held-out part, measured when no eval_data is given
@@ -120,7 +121,9 @@ class CompressSpec(_JobBase):
         description="fit: replace the best-fitting window of layers by its least-squares map "
         "(folded into the layer before it, or a linear block); remove: drop the layers that "
         "change their input least (highest cos(input, output)), no map, and heal from the layer "
-        "before each cut (better on text unlike the calibration text); auto: fit.",
+        "before each cut (better on text unlike the calibration text); auto: the one of the "
+        "two that measures better, unhealed, on the general text mixture's held-out part "
+        "(fit when the mixture is not built, the job streams or the budget is a target).",
     )
     heal_steps: int | None = Field(
         None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."
@@ -161,6 +164,13 @@ class CompressSpec(_JobBase):
         description="Share of the healing windows drawn from the general text mixture (replay) "
         "instead of the calibration text, in [0, 1]; 0 turns replay off; None: the default "
         "share when the mixture is built (linearize.mixture).",
+    )
+    heal_text: str | None = Field(
+        None,
+        pattern=r"^(calibration|generated(:[1-9][0-9]*)?)$",
+        description="calibration: heal on the calibration text; generated[:N]: on N tokens "
+        "sampled from the original model (default N: the healing text's size) after the fit "
+        "windows; None: generated on a GPU, calibration elsewhere.",
     )
     heal_loss: Literal["mse", "kl"] = Field(
         "mse",

@@ -177,6 +177,7 @@ def compare(job: Job, output_dir: Path | None, force: bool) -> Report:
 
 def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.architectures import num_layers
+    from linearize.auto import choose_method
     from linearize.behaviour import Behaviour
 
     spec = job.spec
@@ -189,7 +190,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     _check_budget_early(spec, n_layers)
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
-    texts, replayed = outside_texts(job, tokenizer, windows)
+    texts, replayed = outside_texts(job, stack, tokenizer, windows)
     whole = whole_model_measures(job, stack)
     if whole:
         with job.progress.stage("behaviour", total=1, message="original model"):
@@ -202,7 +203,11 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
 
         ppl, _ = perplexities(job, stack, window_sets(texts), "evaluate")
         record_baselines(texts, ppl)
+    choice = choose_method(job, stack, tokenizer, windows, analysis, n_layers)
+    spec = job.spec  # auto resolved to the method it picked
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
+    if choice:
+        selection["method_choice"] = choice
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
     teacher = None
@@ -256,7 +261,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     )
 
 
-def outside_texts(job: Job, tokenizer, windows):
+def outside_texts(job: Job, stack, tokenizer, windows):
     """The texts measured besides the evaluation half (linearize.texts), and the replay of
     general text in the healing windows (linearize.replay; None when it is off)."""
     from linearize.replay import replay
@@ -265,9 +270,33 @@ def outside_texts(job: Job, tokenizer, windows):
     texts = eval_texts(job.spec, tokenizer, job.notes)
     replayed = None
     if healing_budget(job.spec):
+        generate_healing_text(job, stack, windows)
         with job.timed("data"):
             replayed = replay(job.spec, tokenizer, windows, job.notes)
     return texts, replayed
+
+
+def generate_healing_text(job: Job, stack, windows) -> None:
+    """--heal-text generated[:N]: the fit windows, then N tokens sampled from the original
+    model (linearize.selfdata), as the healing windows."""
+    import torch
+
+    from linearize.selfdata import generated_windows, parse_heal_text
+
+    spec = job.spec
+    tokens = parse_heal_text(spec.heal_text, stack.device.type, windows.count("heal"))
+    if tokens is None:
+        return
+    if stack.streamed:
+        raise InputError("--heal-text generated samples from the whole model, which is streamed")
+    n = max(1, tokens // spec.seq_len)
+    with job.timed("generate"), job.progress.stage("generate", total=1, message=f"{n} windows"):
+        sampled, rate = generated_windows(stack.model, windows.fit, n, spec.seq_len, seed=spec.seed)
+    windows.heal = torch.cat([windows.fit, sampled])
+    job.notes.append(
+        f"healing text: the fit windows, then {sampled.numel()} tokens sampled from the "
+        f"original model ({rate:.0f} tokens/s)"
+    )
 
 
 def whole_model_measures(job: Job, stack) -> bool:

@@ -23,6 +23,7 @@ PLAIN_FIELDS = (
     "heal_tokens",
     "heal_mix",
     "heal_loss",
+    "heal_text",
     "gate_kl",
     "gate_agreement",
     "task_dir",
@@ -74,6 +75,12 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
         metavar="SHARE",
         help="share of the healing windows drawn from the general text mixture (replay), in "
         "[0, 1]; 0 turns it off; default 0.5 when the mixture is built",
+    )
+    p.add_argument(
+        "--heal-text",
+        metavar="calibration|generated[:N]",
+        help="healing text: the calibration text, or N tokens sampled from the original model "
+        "(KV cache, batched); default generated on a GPU, calibration on a CPU",
     )
     p.add_argument(
         "--heal-loss",

@@ -9,14 +9,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api_schemas import CompressSpec, DataSpec
-from linearize import mixture, pipeline
+from linearize import mixture, pipeline, selfdata
 from linearize.cli import main
 from linearize.data import find_wikitext
 from linearize.errors import DataError
 from linearize.healing import topk_kl
 from linearize.replay import mixed_windows
+from linearize.selfdata import generated_windows
 from linearize.texts import eval_texts
 
 # bench/healbench.py's out-of-domain texts: the mixture must share no source with them.
@@ -39,7 +41,7 @@ def planted_mixture(monkeypatch, tmp_path):
     directory = mixture.mixture_dir()
     directory.mkdir(parents=True)
     (directory / "heal.txt").write_text((root / "README.md").read_text() * 4)
-    (directory / "heldout.txt").write_text((root / "docs" / "METHODS.md").read_text() * 2)
+    (directory / "heldout.txt").write_text((root / "BENCHMARKS.md").read_text() * 2)
     return directory
 
 
@@ -215,3 +217,66 @@ def test_compress_measures_the_general_text_replays_it_and_gates_on_it(
     assert "## Outside the calibration text" in markdown and "| general |" in markdown
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert saved["eval_texts"][0]["compressed"] == general.compressed
+
+
+def test_auto_picks_the_method_that_measures_better_on_general_text(planted_mixture, tmp_path):
+    # Layers 1 and 3 are exact identities (no attention or MLP output): the removal drops them
+    # and changes nothing, while every window of two adjacent layers that the fit can replace
+    # holds one layer that is not linear; on a random model the fit's error may lower or raise
+    # the perplexity, so auto must measure rather than assume.
+    model = AutoModelForCausalLM.from_pretrained(
+        save_tiny_model("llama", tmp_path / "m0", initializer_range=0.3)
+    )
+    for i in (1, 3):
+        layer = model.model.layers[i]
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    model.save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tmp_path / "m0").save_pretrained(tmp_path / "m")
+    spec = CompressSpec(
+        model=str(tmp_path / "m"),
+        data=DataSpec(path=str(find_wikitext())),
+        layers=2,
+        calib_tokens=2048,
+        eval_tokens=1024,
+        seq_len=128,
+        heal_steps=0,
+        generation_prompts=0,
+    )
+    report = pipeline.run(spec, output_dir=tmp_path / "o")
+    choice = report.selection["method_choice"]
+    trials = choice["trials"]
+    assert trials["remove"]["indices"] == [1, 3]  # the exact identities
+    # Removing the identities changes nothing, so the evaluation increase is 0 if it was picked.
+    fit, remove = (trials[m]["general_perplexity"] for m in ("fit", "remove"))
+    assert abs(fit / remove - 1) > 0.01  # the two differ clearly on the general text
+    picked = "fit" if fit < remove else "remove"
+    assert choice["picked"] == picked
+    assert report.method == {"fit": "fold-lstsq", "remove": "remove"}[picked]
+    assert report.replaced_layers == trials[picked]["indices"]
+    if picked == "remove":
+        assert report.perplexity.increase_pct == pytest.approx(0.0, abs=1e-3)
+    assert f"method auto picked {picked}" in " ".join(report.notes)
+
+
+def test_generated_windows_continue_their_prompts_to_full_windows(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model("llama", tmp_path / "m"))
+    fit = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator())
+    windows, rate = generated_windows(model, fit, 3, 24, seed=1)
+    assert windows.shape == (3, 24) and rate > 0
+    prompts = fit[:, : selfdata.PROMPT_TOKENS]
+    assert torch.equal(windows[:, : selfdata.PROMPT_TOKENS], prompts[[0, 1, 0]])
+    assert torch.equal(windows, generated_windows(model, fit, 3, 24, seed=1)[0])
+
+
+@pytest.mark.parametrize(
+    "value, device, expected",
+    [
+        (None, "cpu", None),
+        (None, "cuda", 4096),
+        ("generated:512", "cpu", 512),
+        ("calibration", "cuda", None),
+    ],
+)
+def test_heal_text_defaults_to_generated_on_a_gpu_only(value, device, expected):
+    assert selfdata.parse_heal_text(value, device, 4096) == expected
