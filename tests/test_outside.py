@@ -45,6 +45,12 @@ def planted_mixture(monkeypatch, tmp_path):
     return directory
 
 
+def tiny_spec(model, **kw) -> CompressSpec:
+    data = DataSpec(path=str(find_wikitext()))
+    small = dict(layers=2, calib_tokens=2048, eval_tokens=1024, seq_len=128, generation_prompts=0)
+    return CompressSpec(model=str(model), data=data, **small, **kw)
+
+
 # --- the mixture ---------------------------------------------------------------------------------
 
 
@@ -193,17 +199,8 @@ def test_cli_refuses_bad_text_options_with_exit_2(argv, message, capsys, tmp_pat
 def test_compress_measures_the_general_text_replays_it_and_gates_on_it(
     tiny_llama, planted_mixture, tmp_path
 ):
-    spec = CompressSpec(
-        model=str(tiny_llama),
-        data=DataSpec(path=str(find_wikitext())),
-        layers=2,
-        calib_tokens=2048,
-        eval_tokens=1024,
-        seq_len=128,
-        heal_steps=10,
-        heal_tokens=2048,
-        generation_prompts=0,
-        gate_text_ppl_increase={"general": 0.0},
+    spec = tiny_spec(
+        tiny_llama, heal_steps=10, heal_tokens=2048, gate_text_ppl_increase={"general": 0.0}
     )
     report = pipeline.run(spec, output_dir=tmp_path / "o")
     (general,) = report.eval_texts
@@ -233,16 +230,7 @@ def test_auto_picks_the_method_that_measures_better_on_general_text(planted_mixt
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
     model.save_pretrained(tmp_path / "m")
     AutoTokenizer.from_pretrained(tmp_path / "m0").save_pretrained(tmp_path / "m")
-    spec = CompressSpec(
-        model=str(tmp_path / "m"),
-        data=DataSpec(path=str(find_wikitext())),
-        layers=2,
-        calib_tokens=2048,
-        eval_tokens=1024,
-        seq_len=128,
-        heal_steps=0,
-        generation_prompts=0,
-    )
+    spec = tiny_spec(tmp_path / "m", heal_steps=0)
     report = pipeline.run(spec, output_dir=tmp_path / "o")
     choice = report.selection["method_choice"]
     trials = choice["trials"]
