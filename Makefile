@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
-.PHONY: setup browser demo test test-fast lint format bench bench-quality bench-scale bench-service bench-ui clean
+.PHONY: setup browser mixture demo test test-fast lint format bench bench-quality bench-scale bench-service bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "warning: no chromium; the browser tests (tests/ui) need: sudo apt-get install chromium" >&2; fi; }
 
-setup: $(STAMP) browser
+# The general text mixture (linearize/mixture.py): replay text for healing and the "general"
+# evaluation text, built from Debian packages (apt-get download, no root) and the sympy wheel.
+mixture: $(STAMP)
+	@$(PY) -m linearize.mixture build || echo "warning: the general text mixture was not built; healing runs without replay and the report without the general text" >&2
+
+setup: $(STAMP) browser mixture
 
 demo: setup
 	$(PY) -m linearize.demo --data $(DATA)

@@ -86,6 +86,20 @@ class Perplexity(_Model):
     definition: str = PERPLEXITY_DEFINITION
 
 
+class TextPerplexity(_Model):
+    """One more text measured before and after (--eval-data, or the mixture's held-out part)."""
+
+    name: str
+    source: str
+    tokens: int
+    baseline: float
+    compressed: float | None = None
+    increase_pct: float | None = None
+    ratio_to_eval: float | None = Field(
+        None, description="increase_pct / the evaluation windows' increase_pct (when > 0)."
+    )
+
+
 class Throughput(_Model):
     tokens_per_s_before: float
     tokens_per_s_after: float | None = None
@@ -195,6 +209,11 @@ class Report(_Model):
     linearity: list[LayerLinearity] = Field(default_factory=list)
     linearity_notes: str = ""
     perplexity: Perplexity | None = None
+    eval_texts: list[TextPerplexity] = Field(
+        default_factory=list,
+        description="Texts unlike the calibration text, measured before and after: the "
+        "--eval-data texts, else the general mixture's held-out part as `general`.",
+    )
     throughput: Throughput | None = None
     data: DataInfo | None = None
     agreement: Agreement | None = None

@@ -5,6 +5,7 @@ The CLI and the service build the same models, so defaults live here and nowhere
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,9 +22,12 @@ BUDGET_PATTERN = r"^(auto|" + SIZE_PATTERN[1:-1] + r")$"
 OutputFormat = Literal["standard", "linear"]
 # What stands in for the dropped layers before healing: "fit" a least-squares map (folded, or a
 # linear block), "remove" nothing (the layer before each cut heals); "auto" is "fit", the better
-# of the two in domain at the default budget (BENCHMARKS.md, issue 16).
+# of the two in domain at the default budget (BENCHMARKS.md, issue 16), unless the general text
+# mixture is built: then the one that measures better on it (linearize.auto).
 SpanMethod = Literal["auto", "fit", "remove"]
 ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task
+GENERAL_TEXT = "general"  # the mixture's held-out part, measured when no eval_data is given
+TEXT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class _Frozen(BaseModel):
@@ -117,7 +121,9 @@ class CompressSpec(_JobBase):
         description="fit: replace the best-fitting window of layers by its least-squares map "
         "(folded into the layer before it, or a linear block); remove: drop the layers that "
         "change their input least (highest cos(input, output)), no map, and heal from the layer "
-        "before each cut (better on text unlike the calibration text); auto: fit.",
+        "before each cut (better on text unlike the calibration text); auto: the one of the "
+        "two that measures better, unhealed, on the general text mixture's held-out part "
+        "(fit when the mixture is not built, the job streams or the budget is a target).",
     )
     heal_steps: int | None = Field(
         None, ge=0, description="Healing (distillation) steps cap; 0 disables healing."
@@ -153,6 +159,61 @@ class CompressSpec(_JobBase):
     generation_prompts: int = Field(
         16, ge=0, le=256, description="Prompts of the generation check; 0 turns it off."
     )
+    heal_mix: float | None = Field(
+        None,
+        description="Share of the healing windows drawn from the general text mixture (replay) "
+        "instead of the calibration text, in [0, 1]; 0 turns replay off; None: the default "
+        "share when the mixture is built (linearize.mixture).",
+    )
+    heal_text: str | None = Field(
+        None,
+        pattern=r"^(calibration|generated(:[1-9][0-9]*)?)$",
+        description="calibration: heal on the calibration text; generated[:N]: on N tokens "
+        "sampled from the original model (default N: the healing text's size) after the fit "
+        "windows; None: generated on a GPU, calibration elsewhere.",
+    )
+    heal_loss: Literal["mse", "kl"] = Field(
+        "mse",
+        description="Distillation loss: mse, the centred-logit MSE; kl, KL(teacher || student) "
+        "on the teacher's top-256 logits.",
+    )
+    eval_data: dict[str, str] = Field(
+        default_factory=dict,
+        description="More texts measured before and after, NAME -> text file; without any, "
+        f"the general mixture's held-out part is measured as {GENERAL_TEXT!r}.",
+    )
+    gate_text_ppl_increase: dict[str, float] = Field(
+        default_factory=dict,
+        description="Quality gate per text: fail if the named text's perplexity increase "
+        "exceeds P %.",
+    )
+
+    @model_validator(mode="after")
+    def _texts_are_named_and_shares_are_shares(self) -> CompressSpec:
+        if self.heal_mix is not None and not 0 <= self.heal_mix <= 1:
+            raise ValueError(
+                "heal_mix is the share of healing windows drawn from the general mixture, "
+                f"in [0, 1]; got {self.heal_mix}"
+            )
+        if self.heal_mix and self.heal_steps == 0:
+            raise ValueError("heal_mix mixes the healing text, but heal_steps=0 turns healing off")
+        for name, path in self.eval_data.items():
+            if not TEXT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"eval_data name {name!r}: use letters, digits, '_', '-' or '.' (e.g. code)"
+                )
+            if not path.strip():
+                raise ValueError(f"eval_data {name}: no file given")
+        known = list(self.eval_data) or [GENERAL_TEXT]
+        for name, limit in self.gate_text_ppl_increase.items():
+            if name not in known:
+                raise ValueError(
+                    f"gate_ppl_increase names the text {name!r}, which is not measured "
+                    f"(texts: {', '.join(known)})"
+                )
+            if limit < 0:
+                raise ValueError(f"gate_ppl_increase {name}: {limit} is not a percentage >= 0")
+        return self
 
     @model_validator(mode="after")
     def _task_gates_name_tasks(self) -> CompressSpec:

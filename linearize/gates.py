@@ -11,6 +11,7 @@ from linearize.errors import InputError
 def evaluate_gates(spec, report: Report) -> Gate | None:
     rules = [
         *_perplexity_rule(spec, report),
+        *_text_rules(spec, report),
         *_agreement_rules(spec, report),
         *_task_rules(spec, report),
     ]
@@ -28,6 +29,17 @@ def _perplexity_rule(spec, report: Report) -> list[GateRule]:
     if spec.gate_ppl_increase is None:
         return []
     return [_rule("ppl_increase_pct", report.perplexity.increase_pct, spec.gate_ppl_increase, "<=")]
+
+
+def _text_rules(spec, report: Report) -> list[GateRule]:
+    limits = getattr(spec, "gate_text_ppl_increase", {})
+    measured = {t.name: t for t in report.eval_texts}
+    rules = []
+    for name, limit in limits.items():
+        if name not in measured or measured[name].increase_pct is None:
+            raise InputError(f"the gate on text {name!r} names a text that was not measured")
+        rules.append(_rule(f"ppl_increase_pct:{name}", measured[name].increase_pct, limit, "<="))
+    return rules
 
 
 def _agreement_rules(spec, report: Report) -> list[GateRule]:

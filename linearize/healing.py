@@ -157,14 +157,47 @@ def hidden_mse(h_student: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor
     return (h_student - h_teacher).pow(2).sum(-1).mean()
 
 
-def default_loss(stack, teacher: TeacherCache):
+def topk_kl(logits_student: torch.Tensor, logits_teacher: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k tokens, both
+    distributions renormalised over those k (LinearPatch distils on the top logits): the tail
+    the teacher deems unlikely carries no gradient. k = V is the full KL exactly."""
+    top = logits_teacher.topk(k, dim=-1).indices  # (..., k)
+    log_t = logits_teacher.gather(-1, top).log_softmax(-1)
+    log_s = logits_student.gather(-1, top).log_softmax(-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+LOSSES = ("mse", "kl")
+TOPK = 256  # the teacher's top logits the KL loss reads
+
+
+def default_loss(stack, teacher: TeacherCache, name: str = "mse"):
+    """The distillation loss on final hidden states: the centred-logit MSE ("mse") or the
+    top-k KL through the LM head ("kl"); a streamed segment ends mid-model (hidden MSE)."""
     if teacher.kind == "hidden":
         return hidden_mse
+    if name not in LOSSES:
+        raise ValueError(f"unknown healing loss {name!r}; known: {', '.join(LOSSES)}")
     with stack.output_head() as head:
+        if name == "kl":
+            return _head_kl(head)
         metric = logit_metric(head.weight)
 
     def loss(h_student, h_teacher):
         return centred_logit_mse(h_student, h_teacher, metric)
+
+    return loss
+
+
+def _head_kl(head: nn.Module):
+    weight = head.weight.detach()  # (V, d); the head is frozen
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach()
+
+    def loss(h_student, h_teacher):
+        with torch.no_grad():
+            teacher = nn.functional.linear(h_teacher, weight, bias)
+        student = nn.functional.linear(h_student, weight, bias)
+        return topk_kl(student, teacher, min(TOPK, weight.shape[0]))
 
     return loss
 

@@ -177,6 +177,7 @@ def compare(job: Job, output_dir: Path | None, force: bool) -> Report:
 
 def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.architectures import num_layers
+    from linearize.auto import choose_method
     from linearize.behaviour import Behaviour
 
     spec = job.spec
@@ -189,6 +190,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     _check_budget_early(spec, n_layers)
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
+    texts, replayed = outside_texts(job, stack, tokenizer, windows)
     whole = whole_model_measures(job, stack)
     if whole:
         with job.progress.stage("behaviour", total=1, message="original model"):
@@ -196,7 +198,16 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
         job, stack, windows, tokenizer, behaviour
     )
+    if texts:
+        from linearize.texts import record_baselines, window_sets
+
+        ppl, _ = perplexities(job, stack, window_sets(texts), "evaluate")
+        record_baselines(texts, ppl)
+    choice = choose_method(job, stack, tokenizer, windows, analysis, n_layers)
+    spec = job.spec  # auto resolved to the method it picked
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
+    if choice:
+        selection["method_choice"] = choice
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
     teacher = None
@@ -211,6 +222,8 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
             job, stack, windows, teacher, carriers, last, budget, neighbours
         )
         info = selection["healing"]
+        if replayed:
+            info["replay"] = replayed
         compressed_val = info[
             "validation_after" if info["kept"] == "healed" else "validation_before"
         ]
@@ -244,7 +257,45 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         notes=job.notes,
     )
     return save_and_verify(
-        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole
+        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole, texts
+    )
+
+
+def outside_texts(job: Job, stack, tokenizer, windows):
+    """The texts measured besides the evaluation half (linearize.texts), and the replay of
+    general text in the healing windows (linearize.replay; None when it is off)."""
+    from linearize.replay import replay
+    from linearize.texts import eval_texts
+
+    texts = eval_texts(job.spec, tokenizer, job.notes)
+    replayed = None
+    if healing_budget(job.spec):
+        generate_healing_text(job, stack, windows)
+        with job.timed("data"):
+            replayed = replay(job.spec, tokenizer, windows, job.notes)
+    return texts, replayed
+
+
+def generate_healing_text(job: Job, stack, windows) -> None:
+    """--heal-text generated[:N]: the fit windows, then N tokens sampled from the original
+    model (linearize.selfdata), as the healing windows."""
+    import torch
+
+    from linearize.selfdata import generated_windows, parse_heal_text
+
+    spec = job.spec
+    tokens = parse_heal_text(spec.heal_text, stack.device.type, windows.count("heal"))
+    if tokens is None:
+        return
+    if stack.streamed:
+        raise InputError("--heal-text generated samples from the whole model, which is streamed")
+    n = max(1, tokens // spec.seq_len)
+    with job.timed("generate"), job.progress.stage("generate", total=1, message=f"{n} windows"):
+        sampled, rate = generated_windows(stack.model, windows.fit, n, spec.seq_len, seed=spec.seed)
+    windows.heal = torch.cat([windows.fit, sampled])
+    job.notes.append(
+        f"healing text: the fit windows, then {sampled.numel()} tokens sampled from the "
+        f"original model ({rate:.0f} tokens/s)"
     )
 
 
@@ -578,8 +629,9 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
 
 def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
     """Distil the maps; keep the result only if the validation perplexity improved."""
+    from linearize.healing import TOPK, default_loss, healing_params, restore, snapshot
     from linearize.healing import heal as distil
-    from linearize.healing import healing_params, restore, snapshot, trained_parameter_names
+    from linearize.healing import trained_parameter_names
 
     max_steps, max_seconds = budget
     if stack.streamed:
@@ -602,6 +654,7 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
             max_steps=max_steps,
             max_seconds=max_seconds,
             seed=job.spec.seed,
+            loss_fn=default_loss(stack, teacher, job.spec.heal_loss),
             on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
         )
         stopped_by = "step cap" if result.steps >= max_steps else f"{max_seconds:g} s time budget"
@@ -621,7 +674,9 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         "validation_before": val_before,
         "validation_after": val_after,
         "kept": "healed" if kept else "fitted",
-        "loss": teacher.loss_name,
+        "loss": teacher.loss_name
+        if job.spec.heal_loss == "mse" or teacher.kind != "final"
+        else f"KL(teacher || student) on the teacher's top-{TOPK} logits (linearize.healing)",
         "segment": [teacher.start, last],  # positions the distillation runs through
         "neighbour_layers": neighbours,
         "trained_parameters": sum(p.numel() for p in params),
@@ -667,6 +722,7 @@ def save_and_verify(
     residuals,
     behaviour,
     whole: bool,
+    texts=(),
 ) -> Report:
     """Stage the checkpoint, reload it from disk, check it reproduces the in-memory model on
     the validation slice, measure it on the evaluation windows (perplexity and agreement with
@@ -694,7 +750,9 @@ def save_and_verify(
     with staged:  # discarded unless published
         with job.timed("verify"):
             reloaded = job.load(str(staged.path)).stack
-        sets = {"validation": windows.validation, "eval": windows.eval}
+        from linearize.texts import results, window_sets
+
+        sets = {"validation": windows.validation, "eval": windows.eval, **window_sets(texts)}
         meter = eval_positions(behaviour.meter_hook(), windows)
         ppl, seconds = perplexities(job, reloaded, sets, "verify", [meter])
         _check_reload(ppl["validation"], report.perplexity.validation_compressed)
@@ -705,6 +763,7 @@ def save_and_verify(
         p = report.perplexity
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
+        report.eval_texts = results(texts, ppl, p.increase_pct)
         p.validation_reloaded = ppl["validation"]
         report.throughput.tokens_per_s_after = windows.count("eval") / seconds["eval"]
         model = reloaded.model

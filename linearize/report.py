@@ -52,6 +52,8 @@ def summary_lines(report: Report) -> list[str]:
                 f"perplexity {p.baseline:.3f} -> {p.compressed:.3f} "
                 f"({p.increase_pct:+.1f}%; the checkpoint, reloaded from disk)"
             )
+    for t in report.eval_texts:
+        lines.append(f"text       {text_line(t)}")
     a = report.agreement
     if a is not None:
         lines.append(
@@ -95,6 +97,44 @@ def summary_lines(report: Report) -> list[str]:
             )
         )
     return lines
+
+
+def text_line(t) -> str:
+    """One --eval-data (or general) text: perplexity before -> after and the ratio."""
+    if t.compressed is None:
+        return f"{t.name}: {t.baseline:.3f}"
+    ratio = "" if t.ratio_to_eval is None else f", {t.ratio_to_eval:.2f}x the eval increase"
+    return f"{t.name}: {t.baseline:.3f} -> {t.compressed:.3f} ({t.increase_pct:+.1f}%{ratio})"
+
+
+def render_texts(report: Report) -> list[str]:
+    if not report.eval_texts:
+        return []
+    p = report.perplexity
+    out = [
+        "## Outside the calibration text",
+        "",
+        "Each text's first evaluation tokens, measured on the original model and on the "
+        "reloaded checkpoint; the ratio is its increase over the evaluation windows' increase.",
+        "",
+        "| text | source | tokens | before | after | increase | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if p is not None and p.compressed is not None:
+        out.append(
+            f"| eval (calibration text's second half) | {_cell(report.data.source if report.data else '')} "
+            f"| {report.data.eval_tokens if report.data else ''} | {p.baseline:.3f} | "
+            f"{p.compressed:.3f} | {p.increase_pct:+.1f}% | 1.00 |"
+        )
+    for t in report.eval_texts:
+        after = "" if t.compressed is None else f"{t.compressed:.3f}"
+        increase = "" if t.increase_pct is None else f"{t.increase_pct:+.1f}%"
+        ratio = "" if t.ratio_to_eval is None else f"{t.ratio_to_eval:.2f}"
+        out.append(
+            f"| {t.name} | {_cell(t.source)} | {t.tokens} | {t.baseline:.3f} | {after} | "
+            f"{increase} | {ratio} |"
+        )
+    return [*out, ""]
 
 
 def _task_line(task) -> str:
@@ -205,6 +245,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
             "a strict measure of damage.",
             "",
         ]
+    out += render_texts(report)
     if report.linearity:
         out += [
             "## Linearity per layer",

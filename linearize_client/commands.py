@@ -292,6 +292,12 @@ def summary_markdown(job, report: dict[str, Any] | None) -> str:
             if ppl.get("increase_pct") is not None:
                 text += f" ({ppl['increase_pct']:+.2f} %)"
             lines.append(f"| perplexity | {text} |")
+        for text in report.get("eval_texts") or []:
+            if text.get("increase_pct") is not None:
+                lines.append(
+                    f"| perplexity `{text['name']}` | {text['baseline']:.3f} → "
+                    f"{text['compressed']:.3f} ({text['increase_pct']:+.2f} %) |"
+                )
         if model.get("bytes_after") is not None:
             lines.append(
                 f"| size | {_fmt_bytes(model.get('bytes_before'))} → "

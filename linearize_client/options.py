@@ -21,7 +21,9 @@ PLAIN_FIELDS = (
     "heal_steps",
     "heal_seconds",
     "heal_tokens",
-    "gate_ppl_increase",
+    "heal_mix",
+    "heal_loss",
+    "heal_text",
     "gate_kl",
     "gate_agreement",
     "task_dir",
@@ -68,6 +70,32 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
         "budget",
     )
     p.add_argument(
+        "--heal-mix",
+        type=float,
+        metavar="SHARE",
+        help="share of the healing windows drawn from the general text mixture (replay), in "
+        "[0, 1]; 0 turns it off; default 0.5 when the mixture is built",
+    )
+    p.add_argument(
+        "--heal-text",
+        metavar="calibration|generated[:N]",
+        help="healing text: the calibration text, or N tokens sampled from the original model "
+        "(KV cache, batched); default generated on a GPU, calibration on a CPU",
+    )
+    p.add_argument(
+        "--heal-loss",
+        choices=["mse", "kl"],
+        help="distillation loss: mse (centred logits, the default) or kl (on the teacher's "
+        "top-256 logits)",
+    )
+    p.add_argument(
+        "--eval-data",
+        action="append",
+        metavar="NAME=FILE",
+        help="another text measured before and after, side by side in the report; repeatable; "
+        "default: the general mixture's held-out part, as 'general'",
+    )
+    p.add_argument(
         "--tasks",
         help="comma-separated lm-evaluation-harness tasks run on the original and the compressed "
         "model (needs the `tasks` extra)",
@@ -81,9 +109,10 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
     )
     p.add_argument(
         "--gate-ppl-increase",
-        type=float,
-        metavar="P",
-        help="exit 1 if the perplexity increase exceeds P %%",
+        action="append",
+        metavar="[NAME=]P",
+        help="exit 1 if the perplexity increase exceeds P %%; NAME=P: on the --eval-data text "
+        "NAME (or 'general'); repeatable",
     )
     p.add_argument(
         "--gate-kl",
@@ -149,6 +178,14 @@ def compress_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.gate_task_retained:
         fields["gate_task_retained"] = parse_task_gates(args.gate_task_retained)
+    if args.eval_data:
+        fields["eval_data"] = parse_named_texts(args.eval_data)
+    if args.gate_ppl_increase:
+        overall, per_text = parse_ppl_gates(args.gate_ppl_increase)
+        if overall is not None:
+            fields["gate_ppl_increase"] = overall
+        if per_text:
+            fields["gate_text_ppl_increase"] = per_text
     if args.no_cache:
         fields["use_cache"] = False
     return fields
@@ -156,7 +193,8 @@ def compress_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def given_compress_options(args: argparse.Namespace) -> list[str]:
     """The compress-only options that were given (for commands that run another kind)."""
-    names = [*PLAIN_FIELDS, "indices", "tasks", "gate_task_retained"]
+    names = [*PLAIN_FIELDS, "indices", "tasks", "gate_task_retained", "eval_data"]
+    names.append("gate_ppl_increase")
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]
     return given + (["--no-cache"] if args.no_cache else [])
 
@@ -174,6 +212,37 @@ def parse_task_gates(values: list[str]) -> dict[str, float]:
                     f"--gate-task-retained wants P or TASK:P (P in %), got {item!r}"
                 ) from None
     return gates
+
+
+def parse_named_texts(values: list[str]) -> dict[str, str]:
+    """["code=src.txt", "chat=chat.jsonl"] -> {"code": "src.txt", "chat": "chat.jsonl"}."""
+    texts: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--eval-data wants NAME=FILE, got {value!r}")
+        if name.strip() in texts:
+            raise ValueError(f"--eval-data names {name.strip()!r} twice")
+        texts[name.strip()] = path.strip()
+    return texts
+
+
+def parse_ppl_gates(values: list[str]) -> tuple[float | None, dict[str, float]]:
+    """["20", "code=30"] -> (20.0, {"code": 30.0}): P alone gates the evaluation windows."""
+    overall, per_text = None, {}
+    for value in values:
+        name, sep, limit = value.rpartition("=")
+        try:
+            number = float(limit)
+        except ValueError:
+            raise ValueError(
+                f"--gate-ppl-increase wants P or NAME=P (P in %), got {value!r}"
+            ) from None
+        if sep:
+            per_text[name.strip()] = number
+        else:
+            overall = number
+    return overall, per_text
 
 
 def _integers(text: str, option: str) -> list[int]:

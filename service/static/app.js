@@ -912,6 +912,12 @@ function reportView(job, rep, artifacts, events) {
     );
     if (ppl.increase_pct != null) summary.push(stat("increase", pct(ppl.increase_pct), "summary-increase"));
   }
+  // Texts unlike the calibration text (--eval-data, or the general mixture), beside the eval text.
+  for (const t of rep.eval_texts || []) {
+    if (t.compressed != null) {
+      summary.push(stat(`${t.name} text`, `${fmt(t.baseline)} → ${fmt(t.compressed)} (${pct(t.increase_pct)})`));
+    }
+  }
   if (rep.gate) summary.push(stat("gate", rep.gate.passed ? "passed" : "failed", "summary-gate"));
   if (m.checkpoint_bytes != null) summary.push(stat("checkpoint", bytes(m.checkpoint_bytes)));
   if (rep.throughput?.tokens_per_s_after != null) {
