@@ -190,33 +190,24 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     whole = whole_model_measures(job, stack)
-    if whole:
+    if whole and not spec.dry_run:  # a dry run measures no checkpoint
         with job.progress.stage("behaviour", total=1, message="original model"):
             behaviour.measure_original(stack.model, tokenizer, windows)
     baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
         job, stack, windows, tokenizer, behaviour
     )
-    indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
-    job.progress.note("select", f"replacing layers {indices}")
-    budget = healing_budget(spec)
-    teacher = None
-    if budget:
-        neighbours = healed_layers_that_fit(job, stack)
-        carriers, teacher, last = replace_with_teacher(job, stack, windows, indices, neighbours)
+    found = None
+    if spec.layers == "max":
+        from linearize.search import search_max
+
+        found = search_max(job, stack, windows, analysis, baseline_val, n_layers)
+        stack = loaded.stack = found.stack
+        indices, selection, before_healing = found.indices, found.selection, None
+        compressed_val = None if spec.dry_run else found.validation
     else:
-        carriers = replace(job, stack, windows, indices)
-    before_healing = None
-    if budget:
-        before_healing, selection["healing"] = heal(
-            job, stack, windows, teacher, carriers, last, budget, neighbours
+        indices, selection, before_healing, compressed_val = replace_and_heal(
+            job, stack, windows, analysis, baseline_val, n_layers
         )
-        info = selection["healing"]
-        compressed_val = info[
-            "validation_after" if info["kept"] == "healed" else "validation_before"
-        ]
-    else:
-        ppl, _ = perplexities(job, stack, {"validation": windows.validation}, "evaluate")
-        compressed_val = ppl["validation"]
     # The evaluation windows are measured once, on the checkpoint reloaded from disk
     # (save_and_verify); the reload is checked against the in-memory validation figure.
     report = Report(
@@ -242,10 +233,51 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         data=data_info(windows, stack.model, analysis.reservoir_size),
         versions=versions(),
         notes=job.notes,
+        curve=found.curve if found else [],
     )
+    if spec.dry_run:
+        return dry_run_report(job, stack, report, output_dir, analysis.residuals)
     return save_and_verify(
         job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole
     )
+
+
+def replace_and_heal(job: Job, stack, windows, analysis, baseline_val: float, n_layers: int):
+    """Select, replace and heal on the job's model: (indices, selection, eval perplexity
+    before healing, validation perplexity of the result)."""
+    spec = job.spec
+    indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
+    job.progress.note("select", f"replacing layers {indices}")
+    budget = healing_budget(spec)
+    teacher = None
+    if budget:
+        neighbours = healed_layers_that_fit(job, stack)
+        carriers, teacher, last = replace_with_teacher(job, stack, windows, indices, neighbours)
+    else:
+        carriers = replace(job, stack, windows, indices)
+    before_healing = None
+    if budget:
+        before_healing, selection["healing"] = heal(
+            job, stack, windows, teacher, carriers, last, budget, neighbours
+        )
+        info = selection["healing"]
+        compressed_val = info[
+            "validation_after" if info["kept"] == "healed" else "validation_before"
+        ]
+    else:
+        ppl, _ = perplexities(job, stack, {"validation": windows.validation}, "evaluate")
+        compressed_val = ppl["validation"]
+    return indices, selection, before_healing, compressed_val
+
+
+def dry_run_report(job: Job, stack, report: Report, output_dir: Path, residuals) -> Report:
+    """layers=max with dry_run: the analysis and the predicted curve, no checkpoint."""
+    from linearize.report import write_report_bundle
+
+    report.execution = execution_info(job, stack)
+    report.timings = job.timings
+    write_report_bundle(report, output_dir, residuals=residuals)
+    return report
 
 
 def whole_model_measures(job: Job, stack) -> bool:
@@ -574,8 +606,20 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
     return [p for proj in projections for p in proj.parameters()]
 
 
-def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
-    """Distil the maps; keep the result only if the validation perplexity improved."""
+def heal(
+    job: Job,
+    stack,
+    windows,
+    teacher,
+    carriers,
+    last: int,
+    budget,
+    neighbours: int,
+    *,
+    eval_before: bool = True,
+):
+    """Distil the maps; keep the result only if the validation perplexity improved.
+    eval_before: also measure the evaluation windows before healing (the first result)."""
     from linearize.healing import heal as distil
     from linearize.healing import healing_params, restore, snapshot
 
@@ -586,9 +630,11 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         for position in range(teacher.start, last + 1):
             stack.keep(stack.prepare(position))
     params = healing_params(stack.model, carriers, neighbours=neighbours)
-    sets = {"validation": windows.validation, "eval": windows.eval}
+    sets = {"validation": windows.validation}
+    if eval_before:
+        sets["eval"] = windows.eval
     ppl, _ = perplexities(job, stack, sets, "heal")
-    val_before, eval_before = ppl["validation"], ppl["eval"]
+    val_before, eval_before = ppl["validation"], ppl.get("eval")
     saved = snapshot(params)
     with job.timed("heal"), job.progress.stage("heal", total=max_steps) as st:
         result = distil(
@@ -737,7 +783,7 @@ def _check_reload(reloaded: float, in_memory: float) -> None:
 def _check_budget_early(spec, n_layers: int) -> None:
     from linearize.selection import check_indices, check_layer_budget
 
-    if spec.layers is not None:
+    if isinstance(spec.layers, int):
         check_layer_budget(spec.layers, n_layers)
     if spec.indices is not None:
         check_indices(spec.indices, n_layers)
