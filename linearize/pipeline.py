@@ -215,7 +215,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         model=info_before,
         replaced_layers=indices,
         format=spec.format,
-        method=method_name(spec),
+        method=found.method if found else method_name(spec),
         selection=selection,
         linearity=[LayerLinearity(**row) for row in analysis.layers],
         linearity_notes=analysis_notes(),
@@ -246,6 +246,8 @@ def replace_and_heal(job: Job, stack, windows, analysis, baseline_val: float, n_
     """Select, replace and heal on the job's model: (indices, selection, eval perplexity
     before healing, validation perplexity of the result)."""
     spec = job.spec
+    from linearize.search import select
+
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
@@ -423,68 +425,6 @@ def injection_point(spec, indices: list[int]) -> int:
     layer before the span, which heals) or the first block."""
     first = min(indices)
     return first - 1 if spec.format == "standard" else first
-
-
-def select(job: Job, stack, windows, analysis, baseline_val: float, n_layers: int):
-    from linearize.selection import check_indices, max_budget, search_largest_budget
-
-    spec = job.spec
-    choose, info = selection_rule(spec, analysis, n_layers)
-    if spec.indices is not None:
-        return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
-    if spec.layers is not None:
-        return choose(spec.layers), {**info, "mode": "layers"}
-
-    def increase_for(indices: list[int]) -> float:
-        trial = trial_stack(stack)
-        replace(job, trial, windows, indices)
-        ppl, _ = perplexities(job, trial, {"validation": windows.validation}, "select")
-        return 100 * (ppl["validation"] / baseline_val - 1)
-
-    with job.timed("select"):
-        choices = [choose(k) for k in range(1, max_budget(n_layers) + 1)]
-        best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
-    if not best:
-        raise InputError(
-            f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
-            f"increase (k=1 gives {trace[0]['validation_increase_pct']:.1f}%)"
-        )
-    return best, {
-        **info,
-        "mode": "target_ppl_increase",
-        "search": (
-            "binary search on k, each k's choice by the rule above; each trial is "
-            f"{'removed' if removes(spec) else 'fitted'} without healing and measured on the "
-            "validation slice"
-        ),
-        "trace": trace,
-    }
-
-
-def selection_rule(spec, analysis, n_layers: int):
-    """(k -> the layers to replace, the report's description of the ranking and the rule).
-
-    A fit replaces the window its maps fit best; a removal, which has no map, drops the layers
-    that change their input least (ShortGPT's block influence), wherever they are."""
-    from linearize.selection import rank_layers, select_least_influential, select_window
-
-    if removes(spec):
-        cosines = [row["cosine_in_out"] for row in analysis.layers]
-        info = {
-            "ranking_signal": "mean token cos(layer input, output) on the fit windows "
-            "(ShortGPT's block influence is 1 - cos)",
-            "ranking": rank_layers(cosines, n_layers),
-            "rule": "the k layers with the highest cos(input, output), adjacent or not",
-        }
-        return (lambda k: select_least_influential(cosines, k, n_layers)), info
-    # Held-out ranking: 1 - validation error of each layer's own affine map.
-    scores = [1 - row["validation_error"] for row in analysis.layers]
-    info = {
-        "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
-        "ranking": rank_layers(scores, n_layers),
-        "rule": "the k adjacent layers with the highest total ranking signal (one span)",
-    }
-    return (lambda k: select_window(scores, k, n_layers)), info
 
 
 def trial_stack(stack):

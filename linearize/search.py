@@ -16,6 +16,9 @@ on the validation slice, which is where trials are measured (the evaluation wind
 nothing); the chosen k's checkpoint is then saved, reloaded and measured on the evaluation
 windows like any other. The bracket and confirm logic is `search_largest_passing`, which takes
 the two measures as functions, so that it is tested on planted quality curves.
+
+`select` is the older search of `--target-ppl-increase` (unhealed trials, perplexity only) and
+the plain budgets `--layers K` and `--indices`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from linearize.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +195,18 @@ class Found:
     selection: dict
     validation: float  # the trial's validation perplexity (the reload check compares with it)
     curve: list  # api_schemas.report.CurvePoint, in the order measured
+    method: str  # the report's method name (linearize.pipeline.method_name)
 
 
 def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int) -> Found:
     """Run the search on trial copies of `stack` and return the trial to publish: the largest
     passing k's healed trial, else the smallest k's (its gates then fail on the checkpoint)."""
-    from linearize.pipeline import healing_budget, removes, selection_rule
+    from linearize.pipeline import healing_budget, method_name, removes
     from linearize.selection import max_budget
 
     spec = job.spec
-    choose, info = selection_rule(spec, analysis, n_layers)
-    trials = Trials(job, stack, windows, choose, baseline_val)
+    reference = validation_reference(job, stack, windows)
+    trials = Trials(job, stack, windows, analysis, n_layers, baseline_val, reference)
     healing = healing_budget(spec) is not None and not spec.dry_run
     with job.timed("search"):
         outcome = search_largest_passing(
@@ -209,7 +215,9 @@ def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int
             trials.healed if healing else None,
             SearchBudget.parse(spec.search_budget),
         )
-    k = outcome.chosen or min(p.k for p in trials.points if p.healed == healing)
+        k = outcome.chosen or min(p.k for p in trials.points if p.healed == healing)
+        if outcome.chosen and healing and spec.method == "auto" and spec.format == "standard":
+            trials = better_method(trials, k)
     if outcome.chosen is None:
         job.notes.append(
             f"no k passed the gates on the validation slice ({len(outcome.steps)} trials); "
@@ -219,7 +227,7 @@ def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int
         job.notes.append(f"the search was stopped by its {outcome.stopped_by}")
     point, chosen_stack = trials.take(k, healing)
     selection = {
-        **info,
+        **trials.info,
         "mode": "max",
         "search": (
             "unhealed probes bracket the largest passing k, fully healed trials confirm it "
@@ -232,32 +240,77 @@ def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int
         "dry_run": spec.dry_run,
         "chosen_k": outcome.chosen,
         "bracket_k": outcome.lower,
-        "trials": outcome.trials,
-        "healed_trials": sum(s.healed for s in outcome.steps),
+        "trials": len(trials.points),
+        "healed_trials": sum(p.healed for p in trials.points),
         "stopped_by": outcome.stopped_by,
         "monotone": not outcome.violations,
         "violations": outcome.violations,
     }
     if point.k in trials.healing:
         selection["healing"] = trials.healing[point.k]
-    return Found(chosen_stack, list(point.layers), selection, point.perplexity, trials.points)
+    return Found(
+        chosen_stack,
+        list(point.layers),
+        selection,
+        point.perplexity,
+        trials.points,
+        method_name(trials.job.spec),
+    )
+
+
+def better_method(fitted: Trials, k: int) -> Trials:
+    """method auto: at the chosen k, a healed removal beside the healed fit; the trials of the
+    better one (both pass the gates: the lower validation perplexity wins)."""
+    import copy
+
+    job = copy.copy(fitted.job)  # the same timings, notes, progress and memory planner
+    job.spec = fitted.job.spec.model_copy(update={"method": "remove"})
+    removal = Trials(
+        job,
+        fitted.stack,
+        fitted.windows,
+        fitted.analysis,
+        fitted.n_layers,
+        fitted.baseline_val,
+        fitted.reference,
+        points=fitted.points,
+    )
+    removal.healed(k)
+    fit, removed = (next(p for p in t.points if p.k == k and p.healed) for t in (fitted, removal))
+    removal_wins = removed.passed and removed.perplexity < fit.perplexity
+    fitted.job.notes.append(
+        f"method auto at k = {k}: the healed removal's validation perplexity "
+        f"{removed.perplexity:.3f} against the fit's {fit.perplexity:.3f}; "
+        f"kept the {'removal' if removal_wins else 'fit'}"
+    )
+    return removal if removal_wins else fitted
 
 
 class Trials:
     """The two measures of the search on copies of the analysed model; every trial shares the
     job's baseline, analysis and the original's reference logits on the validation slice."""
 
-    def __init__(self, job, stack, windows, choose, baseline_val: float):
+    def __init__(
+        self, job, stack, windows, analysis, n_layers, baseline_val, reference, points=None
+    ):
         from linearize.evaluation import count_parameters
+        from linearize.selection import selection_rule
 
-        self.job, self.stack, self.windows, self.choose = job, stack, windows, choose
-        self.baseline_val = baseline_val
+        self.job, self.stack, self.windows = job, stack, windows
+        self.analysis, self.n_layers = analysis, n_layers
+        self.choose, self.info = selection_rule(job.spec, analysis, n_layers)
+        self.baseline_val, self.reference = baseline_val, reference
         self.params_before = count_parameters(stack.model)
-        self.reference = validation_reference(job, stack, windows)
         self.neighbours: int | None = None
-        self.points: list = []
+        self.points: list = [] if points is None else points  # shared by both methods' trials
         self.healing: dict[int, dict] = {}  # k -> the healing record of its healed trial
         self._stacks: dict[tuple[int, bool], object] = {}
+
+    @property
+    def method(self) -> str:
+        from linearize.pipeline import removes
+
+        return "remove" if removes(self.job.spec) else "fit"
 
     def unhealed(self, k: int) -> bool:
         return self._trial(k, healed=False)
@@ -267,7 +320,12 @@ class Trials:
 
     def take(self, k: int, healed: bool):
         """(CurvePoint, LayerStack) of the trial to publish, marked chosen in the curve."""
-        point = next(p for p in self.points if p.k == k and p.healed == healed)
+        point = next(
+            p
+            for p in self.points
+            if (p.k, p.healed, p.method) == (k, healed, self.method)
+            and (p.k, healed) in self._stacks
+        )
         point.chosen = True
         return point, self._stacks.pop((k, healed))
 
@@ -323,7 +381,7 @@ class Trials:
         from linearize.agreement import AgreementMeter
         from linearize.evaluation import count_parameters
         from linearize.gates import trial_rules
-        from linearize.pipeline import perplexities, removes
+        from linearize.pipeline import perplexities
 
         job, windows = self.job, self.windows
         meter = AgreementMeter(self.reference)
@@ -342,7 +400,7 @@ class Trials:
         return CurvePoint(
             k=k,
             layers=sorted(indices),
-            method="remove" if removes(job.spec) else "fit",
+            method=self.method,
             healed=healed,
             params=params,
             params_removed=self.params_before - params,
@@ -359,7 +417,7 @@ class Trials:
         passing k and the smallest k; the other copies are freed."""
         key = (point.k, point.healed)
         self._stacks[key] = trial
-        same = [p for p in self.points if p.healed == point.healed]
+        same = [p for p in self.points if (p.healed, p.method) == (point.healed, self.method)]
         wanted = {min(p.k for p in same)}
         passing = [p.k for p in same if p.passed]
         if passing:
@@ -391,3 +449,48 @@ def head_positions(hook, windows, name: str):
             hook(logits[: last - start])
 
     return observe
+
+
+# --- a fixed budget or --target-ppl-increase (no healing in the trials) ------------------------
+
+
+def select(job, stack, windows, analysis, baseline_val: float, n_layers: int):
+    from linearize.pipeline import perplexities, removes, replace, trial_stack
+    from linearize.selection import (
+        check_indices,
+        max_budget,
+        search_largest_budget,
+        selection_rule,
+    )
+
+    spec = job.spec
+    choose, info = selection_rule(spec, analysis, n_layers)
+    if spec.indices is not None:
+        return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
+    if spec.layers is not None:
+        return choose(spec.layers), {**info, "mode": "layers"}
+
+    def increase_for(indices: list[int]) -> float:
+        trial = trial_stack(stack)
+        replace(job, trial, windows, indices)
+        ppl, _ = perplexities(job, trial, {"validation": windows.validation}, "select")
+        return 100 * (ppl["validation"] / baseline_val - 1)
+
+    with job.timed("select"):
+        choices = [choose(k) for k in range(1, max_budget(n_layers) + 1)]
+        best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
+    if not best:
+        raise InputError(
+            f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
+            f"increase (k=1 gives {trace[0]['validation_increase_pct']:.1f}%)"
+        )
+    return best, {
+        **info,
+        "mode": "target_ppl_increase",
+        "search": (
+            "binary search on k, each k's choice by the rule above; each trial is "
+            f"{'removed' if removes(spec) else 'fitted'} without healing and measured on the "
+            "validation slice"
+        ),
+        "trace": trace,
+    }

@@ -182,6 +182,10 @@ def test_max_layers_publishes_the_largest_passing_healed_k_with_its_curve(
     for point in curve:
         assert point.params_removed > 0 and point.params + point.params_removed > point.params
         assert point.passed == (point.kl <= 0.6)
+    # method auto: a healed removal at the chosen k beside the fit; the better one is published.
+    removal = [p for p in curve if p.method == "remove"]
+    assert [(p.k, p.healed) for p in removal] == [(chosen[0].k, True)]
+    assert report.method.startswith("remove" if chosen[0].method == "remove" else "fold")
     # The published checkpoint is the chosen trial's: its reload matches its trial figure.
     assert report.perplexity.validation_reloaded == pytest.approx(chosen[0].perplexity, rel=1e-4)
     assert report.model.params_after == chosen[0].params
@@ -230,3 +234,27 @@ def test_max_layers_dry_run_writes_the_predicted_curve_and_no_checkpoint(
     assert report.perplexity.compressed is None
     assert (out / "report.json").is_file() and (out / "report.md").is_file()
     assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()
+
+
+def test_step_summary_shows_the_search_curve_as_a_table():
+    from types import SimpleNamespace
+
+    from linearize_client.commands import summary_markdown
+
+    point = dict(params_removed=1000, kl=0.1, top1_agreement_pct=90.0)
+    report = {
+        "model": {},
+        "selection": {"chosen_k": 2},
+        "curve": [
+            dict(point, k=1, healed=False, ppl_increase_pct=5.0, passed=True, chosen=False),
+            dict(point, k=2, healed=True, ppl_increase_pct=9.0, passed=True, chosen=True),
+            dict(point, k=3, healed=True, ppl_increase_pct=21.5, passed=False, chosen=False),
+        ],
+    }
+    job = SimpleNamespace(
+        status="succeeded", kind="compress", id="job_1", attempts=1, spec=None, error=None
+    )
+    text = summary_markdown(job, report)
+    assert "chosen k = 2" in text
+    assert "| **2** | healed | 1,000 | +9.0 % | 0.1000 | 90.0 % | pass |" in text
+    assert "| 3 | healed | 1,000 | +21.5 % | 0.1000 | 90.0 % | fail |" in text
