@@ -39,8 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--brute-max", type=int, default=6)
-    parser.add_argument("--heal-steps", type=int, default=100)
-    parser.add_argument("--heal-tokens", type=int, default=16384)
+    parser.add_argument("--heal-steps", type=int, default=50)
+    parser.add_argument("--heal-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--only", choices=["search", "brute"], help="run one side only")
     parser.add_argument(
         "--json", type=Path, default=ROOT / "bench" / "results" / "search_vs_brute.json"
@@ -51,27 +52,38 @@ def main() -> None:
         for name, gates in GATE_SETS.items():
             results[f"search: {name}"] = run(args, gates)
             save(args.json, results)
+            results[f"dry run: {name}"] = run(args, gates, dry_run=True)
+            save(args.json, results)
     if args.only != "search":
-        results["brute"] = run(args, GATE_SETS["KL 0.15"], brute_max=args.brute_max)
+        # Each healed k is written as it finishes: a cut-short brute force keeps what ran.
+        partial = results.setdefault("brute trials", [])
+
+        def record(k, passed, seconds):
+            partial.append({"k": k, "passed_kl": passed, "seconds": round(seconds, 1)})
+            save(args.json, results)
+
+        results["brute"] = run(args, GATE_SETS["KL 0.15"], brute=(args.brute_max, record))
         for name, gates in GATE_SETS.items():
             results[f"brute: {name}"] = largest_passing(results["brute"]["curve"], gates)
         save(args.json, results)
     print(json.dumps(summary(results), indent=2))
 
 
-def run(args, gates: dict, brute_max: int | None = None) -> dict:
+def run(args, gates: dict, brute=None, dry_run: bool = False) -> dict:
     spec = CompressSpec(
         data=DataSpec(path=args.data),
         layers="max",
         heal_steps=args.heal_steps,
         heal_seconds=3600,  # the step cap decides, whatever the host's load
         heal_tokens=args.heal_tokens,
+        eval_tokens=args.eval_tokens,
+        dry_run=dry_run,
         **gates,
     )
     real = search.search_largest_passing
-    if brute_max is not None:
+    if brute is not None:
         search.search_largest_passing = lambda max_k, probe, confirm, budget: brute_force(
-            brute_max, confirm
+            *brute, confirm
         )
     started = time.perf_counter()
     try:
@@ -90,8 +102,12 @@ def run(args, gates: dict, brute_max: int | None = None) -> dict:
     }
 
 
-def brute_force(brute_max: int, confirm) -> search.Outcome:
-    steps = [search.Step(k, True, confirm(k)) for k in range(1, brute_max + 1)]
+def brute_force(brute_max: int, record, confirm) -> search.Outcome:
+    steps = []
+    for k in range(1, brute_max + 1):
+        started = time.perf_counter()
+        steps.append(search.Step(k, True, confirm(k)))
+        record(k, steps[-1].passed, time.perf_counter() - started)
     passing = [s.k for s in steps if s.passed]
     return search.Outcome(max(passing, default=None), 0, steps)
 

@@ -682,6 +682,10 @@ def save_and_verify(
             with job.progress.stage("behaviour", total=1, message="compressed model"):
                 behaviour.measure_compressed(reloaded.model)
         behaviour.fill(report)
+        if report.curve:
+            from linearize.search import complete_curve
+
+            complete_curve(report)
         p = report.perplexity
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)

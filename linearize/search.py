@@ -258,6 +258,15 @@ def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int
     )
 
 
+def complete_curve(report) -> None:
+    """The checkpoint's task results on its curve point (tasks run on the checkpoint only)."""
+    for point in report.curve:
+        if point.chosen:
+            point.tasks_retained_pct = {
+                t.task: t.retained_pct for t in report.tasks if t.retained_pct is not None
+            }
+
+
 def better_method(fitted: Trials, k: int) -> Trials:
     """method auto: at the chosen k, a healed removal beside the healed fit; the trials of the
     better one (both pass the gates: the lower validation perplexity wins)."""

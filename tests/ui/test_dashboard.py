@@ -32,6 +32,13 @@ def tiny_spec(dataset_id: str, **overrides) -> dict:
     return body
 
 
+def submit_and_open_the_job(page) -> str:
+    """Submit the form; the job id of the page it opens."""
+    page.click("#submit-form button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/jobs/job_[0-9a-f]+$"))
+    return page.url.rsplit("/", 1)[1]
+
+
 @pytest.fixture(scope="module")
 def dataset(server, ui_text) -> str:
     with server.http() as http:
@@ -140,9 +147,7 @@ def test_submit_follow_report_and_download_through_the_pages(tab, server, ui_tex
     banner.wait_for(state="visible")
     assert "method=remove drops the span" in banner.inner_text()
     page.select_option("#format", "standard")
-    page.click("#submit-form button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/jobs/job_[0-9a-f]+$"))
-    job_id = page.url.rsplit("/", 1)[1]
+    job_id = submit_and_open_the_job(page)
     # Live progress from the SSE stream, then the report when the terminal event arrives.
     page.locator("#events li").first.wait_for(timeout=120_000)
     tab.shot("job-running")
@@ -435,9 +440,7 @@ def test_submit_max_layers_from_the_form_and_read_the_curve(tab, server, ui_text
     budget_error.wait_for(state="visible")
     assert "at least one of gate_ppl_increase" in budget_error.inner_text()
     page.fill("#gate_ppl_increase", "1000")
-    page.click("#submit-form button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/jobs/job_[0-9a-f]+$"))
-    job_id = page.url.rsplit("/", 1)[1]
+    job_id = submit_and_open_the_job(page)
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
     rows = page.locator("#curve-table tbody tr")
     rows.first.wait_for()
