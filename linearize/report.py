@@ -468,22 +468,19 @@ def _plot_curve(plt, report: Report) -> bytes:
     gates = report.selection.get("gates", {})
     fig, axes = plt.subplots(len(CURVE_PANELS), 1, figsize=(7, 8), sharex=True)
     for ax, (field, label, gate) in zip(axes, CURVE_PANELS, strict=True):
-        for healed, style in ((False, "o--"), (True, "s-")):
+        series = sorted({(p.healed, p.method) for p in report.curve})
+        for healed, method in series:
             points = sorted(
                 (p.params_removed / 1e6, getattr(p, field), p.k)
                 for p in report.curve
-                if p.healed == healed and getattr(p, field) is not None
+                if (p.healed, p.method) == (healed, method) and getattr(p, field) is not None
             )
             if not points:
                 continue
-            x, y, ks = zip(*points, strict=True)
-            ax.plot(
-                x,
-                y,
-                style,
-                mfc="none" if not healed else None,
-                label="healed" if healed else "unhealed probe",
-            )
+            x, y, _ = zip(*points, strict=True)
+            style = ("s-" if method == "fit" else "D-") if healed else "o--"
+            kind = "healed" if healed else "unhealed probe"
+            ax.plot(x, y, style, mfc=None if healed else "none", label=f"{kind} ({method})")
             for xi, yi, k in points:
                 ax.annotate(
                     f"k={k}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
