@@ -178,6 +178,33 @@ class Gate(_Model):
     rules: list[GateRule]
 
 
+class CurvePoint(_Model):
+    """One budget k the search of layers=max measured (linearize.search): quality against size.
+
+    Trials are measured on the validation slice (the evaluation windows choose nothing); the
+    chosen k's checkpoint is then measured on the evaluation windows like any other."""
+
+    k: int
+    layers: list[int]
+    method: str = Field(..., description="fit | remove")
+    healed: bool = Field(..., description="False: an unhealed probe; True: fully healed.")
+    params: int = Field(..., description="Parameters of the trial model.")
+    params_removed: int
+    perplexity: float = Field(..., description="Validation slice.")
+    ppl_increase_pct: float = Field(..., description="Against the original on the same slice.")
+    kl: float | None = None
+    top1_agreement_pct: float | None = None
+    texts: dict[str, float] = Field(
+        default_factory=dict, description="Perplexity on named extra texts (e.g. general text)."
+    )
+    tasks_retained_pct: dict[str, float] = Field(
+        default_factory=dict, description="Task accuracy retained (the checkpoint's k only)."
+    )
+    passed: bool = Field(..., description="Whether every searched gate passed on this trial.")
+    seconds: float = Field(..., description="Wall time of the trial.")
+    chosen: bool = False
+
+
 class Execution(_Model):
     """How the job ran: all layers resident, or streamed one decoder layer at a time."""
 
@@ -226,3 +253,7 @@ class Report(_Model):
     output_dir: str | None = None
     notes: list[str] = Field(default_factory=list)
     compare: list[dict[str, Any]] | None = None
+    curve: list[CurvePoint] = Field(
+        default_factory=list,
+        description="layers=max: every k the search measured, in the order measured.",
+    )

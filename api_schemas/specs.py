@@ -28,6 +28,9 @@ SpanMethod = Literal["auto", "fit", "remove"]
 ALL_TASKS = "*"  # gate_task_retained key: the rule applies to every task
 GENERAL_TEXT = "general"  # the mixture's held-out part, measured when no eval_data is given
 TEXT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SEARCH_BUDGET_PATTERN = (
+    r"^([1-9][0-9]*|[0-9]+(\.[0-9]+)?[smh])$"  # trials, or seconds/minutes/hours
+)
 
 
 class _Frozen(BaseModel):
@@ -104,8 +107,10 @@ class CompressSpec(_JobBase):
     """Replace layers by fitted linear maps (or remove them and fold), evaluate, save."""
 
     kind: Literal["compress"] = "compress"
-    layers: int | None = Field(
-        None, description="Number of layers to replace: the best-scoring window of adjacent layers."
+    layers: int | Literal["max"] | None = Field(
+        None,
+        description="Number of layers to replace: the best-scoring window of adjacent layers; "
+        "max: the largest number whose healed model passes every gate (a search, linearize.search).",
     )
     indices: list[int] | None = Field(None, description="Explicit original layer indices.")
     target_ppl_increase: float | None = Field(
@@ -113,6 +118,17 @@ class CompressSpec(_JobBase):
     )
     gate_ppl_increase: float | None = Field(
         None, ge=0, description="Quality gate: fail (exit 1) if the eval increase exceeds P %."
+    )
+    search_budget: str | None = Field(
+        None,
+        pattern=SEARCH_BUDGET_PATTERN,
+        description="layers=max only: the search's bound, a trial count (8) or a time (90s, "
+        "20m, 1h); default: no bound.",
+    )
+    dry_run: bool = Field(
+        False,
+        description="layers=max only: the analysis and the curve predicted from unhealed probes; "
+        "no healing, no checkpoint.",
     )
     eval_tokens: int = Field(16384, ge=1, description="Evaluation tokens (second half).")
     format: OutputFormat = Field("standard", description="standard: folded, plain HF checkpoint.")
@@ -257,7 +273,7 @@ class CompressSpec(_JobBase):
     @model_validator(mode="after")
     def _exactly_one_budget(self) -> CompressSpec:
         given = [n for n in ("layers", "indices", "target_ppl_increase") if getattr(self, n)]
-        if self.layers is not None and self.layers <= 0:
+        if isinstance(self.layers, int) and self.layers <= 0:
             raise ValueError(f"layers must be >= 1 ({MAX_LAYER_FRACTION_NOTE}); got {self.layers}")
         if self.indices is not None:
             if not self.indices:
@@ -270,6 +286,25 @@ class CompressSpec(_JobBase):
                 f"got {given or 'none'}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _max_layers_need_a_gate(self) -> CompressSpec:
+        searched = self.layers == "max"
+        if searched and not self.searched_gates():
+            raise ValueError(
+                "layers=max searches the largest k that passes the gates: give at least one of "
+                "gate_ppl_increase, gate_kl, gate_agreement"
+            )
+        for name in ("search_budget", "dry_run"):
+            if getattr(self, name) and not searched:
+                raise ValueError(f"{name} belongs to the search of layers=max; give layers=max")
+        return self
+
+    def searched_gates(self) -> list[str]:
+        """The gates the search of layers=max measures on every trial (task gates are judged
+        on the checkpoint only: lm-eval per trial would cost more than the healing)."""
+        names = ("gate_ppl_increase", "gate_kl", "gate_agreement")
+        return [n for n in names if getattr(self, n) is not None]
 
 
 class EvalSpec(_JobBase):

@@ -7,7 +7,7 @@ stages take a LayerStack (linearize.stack). `BenchJob` runs the same stage funct
 
 from __future__ import annotations
 
-from linearize import pipeline
+from linearize import pipeline, search
 from linearize.healing import TeacherCache, capture_teacher
 from linearize.job import Job
 from linearize.progress import Progress
@@ -50,7 +50,7 @@ class BenchJob:
         return baseline, baseline_val, analysis
 
     def select(self, model, windows, analysis, baseline_val, n_layers):
-        return pipeline.select(
+        return search.select(
             self.job, LayerStack.of(model), windows, analysis, baseline_val, n_layers
         )
 

@@ -117,7 +117,7 @@ def budget_problem(spec: object, num_layers: int | None, model: str) -> tuple[st
     layers = getattr(spec, "layers", None)
     indices = getattr(spec, "indices", None)
     where = f"{model} has L = {num_layers} layers; at most L - 2 = {limit} layers can be replaced"
-    if layers is not None and (layers > limit or layers <= 0):
+    if isinstance(layers, int) and (layers > limit or layers <= 0):  # max: a search
         return "layers", f"layers = {layers} is out of range: {where}"
     if indices is not None:
         if len(indices) > limit:

@@ -21,6 +21,7 @@ def choose_method(job, stack, tokenizer, windows, analysis, n_layers: int) -> di
     spec is rewritten to the chosen method so that every later stage runs it."""
     from linearize import pipeline
     from linearize.mixture import is_built
+    from linearize.selection import selection_rule
 
     spec = job.spec
     if spec.method != "auto" or spec.format != "standard" or spec.layers is None:
@@ -35,7 +36,7 @@ def choose_method(job, stack, tokenizer, windows, analysis, n_layers: int) -> di
     measured = {}
     for method in ("fit", "remove"):
         trial_spec = spec.model_copy(update={"method": method})
-        choose, _ = pipeline.selection_rule(trial_spec, analysis, n_layers)
+        choose, _ = selection_rule(trial_spec, analysis, n_layers)
         indices = choose(spec.layers)
         trial = pipeline.trial_stack(stack)
         previous, job.spec = job.spec, trial_spec

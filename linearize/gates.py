@@ -20,6 +20,21 @@ def evaluate_gates(spec, report: Report) -> Gate | None:
     return Gate(passed=all(r.passed for r in rules), rules=rules)
 
 
+def trial_rules(
+    spec, *, ppl_increase_pct: float, kl: float, top1_agreement_pct: float
+) -> list[GateRule]:
+    """The perplexity, KL and agreement rules on one trial of the layers=max search (measured on
+    the validation slice; linearize.search), named like the checkpoint's rules."""
+    rules = []
+    if spec.gate_ppl_increase is not None:
+        rules.append(_rule("ppl_increase_pct", ppl_increase_pct, spec.gate_ppl_increase, "<="))
+    if spec.gate_kl is not None:
+        rules.append(_rule("kl", kl, spec.gate_kl, "<="))
+    if spec.gate_agreement is not None:
+        rules.append(_rule("top1_agreement_pct", top1_agreement_pct, spec.gate_agreement, ">="))
+    return rules
+
+
 def _rule(name: str, value: float, limit: float, comparison: str) -> GateRule:
     passed = value <= limit if comparison == "<=" else value >= limit
     return GateRule(name=name, value=value, limit=limit, passed=passed, comparison=comparison)

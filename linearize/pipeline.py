@@ -192,7 +192,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     texts, replayed = outside_texts(job, stack, tokenizer, windows)
     whole = whole_model_measures(job, stack)
-    if whole:
+    if whole and not spec.dry_run:  # a dry run measures no checkpoint
         with job.progress.stage("behaviour", total=1, message="original model"):
             behaviour.measure_original(stack.model, tokenizer, windows)
     baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
@@ -203,11 +203,65 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
 
         ppl, _ = perplexities(job, stack, window_sets(texts), "evaluate")
         record_baselines(texts, ppl)
-    choice = choose_method(job, stack, tokenizer, windows, analysis, n_layers)
+    found = None
+    if spec.layers == "max":
+        from linearize.search import search_max
+
+        found = search_max(job, stack, windows, analysis, baseline_val, n_layers)
+        stack = loaded.stack = found.stack
+        indices, selection, before_healing = found.indices, found.selection, None
+        compressed_val = None if spec.dry_run else found.validation
+    else:
+        choice = choose_method(job, stack, tokenizer, windows, analysis, n_layers)
+        indices, selection, before_healing, compressed_val = replace_and_heal(
+            job, stack, windows, analysis, baseline_val, n_layers, replayed
+        )
+        if choice:
+            selection["method_choice"] = choice
     spec = job.spec  # auto resolved to the method it picked
+    # The evaluation windows are measured once, on the checkpoint reloaded from disk
+    # (save_and_verify); the reload is checked against the in-memory validation figure.
+    report = Report(
+        kind="compress",
+        model=info_before,
+        replaced_layers=indices,
+        format=spec.format,
+        method=found.method if found else method_name(spec),
+        selection=selection,
+        linearity=[LayerLinearity(**row) for row in analysis.layers],
+        linearity_notes=analysis_notes(),
+        perplexity=Perplexity(
+            baseline=baseline,
+            before_healing=before_healing,
+            validation_baseline=baseline_val,
+            validation_compressed=compressed_val,
+        ),
+        throughput=Throughput(
+            # Forward tokens/s of the evaluation windows themselves (LM head included).
+            tokens_per_s_before=windows.count("eval") / eval_seconds,
+            device=str(stack.device),
+        ),
+        data=data_info(windows, stack.model, analysis.reservoir_size),
+        versions=versions(),
+        notes=job.notes,
+        curve=found.curve if found else [],
+    )
+    if spec.dry_run:
+        return dry_run_report(job, stack, report, output_dir, analysis.residuals)
+    return save_and_verify(
+        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole, texts
+    )
+
+
+def replace_and_heal(
+    job: Job, stack, windows, analysis, baseline_val: float, n_layers: int, replayed=None
+):
+    """Select, replace and heal on the job's model: (indices, selection, eval perplexity
+    before healing, validation perplexity of the result)."""
+    spec = job.spec
+    from linearize.search import select
+
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
-    if choice:
-        selection["method_choice"] = choice
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
     teacher = None
@@ -230,35 +284,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     else:
         ppl, _ = perplexities(job, stack, {"validation": windows.validation}, "evaluate")
         compressed_val = ppl["validation"]
-    # The evaluation windows are measured once, on the checkpoint reloaded from disk
-    # (save_and_verify); the reload is checked against the in-memory validation figure.
-    report = Report(
-        kind="compress",
-        model=info_before,
-        replaced_layers=indices,
-        format=spec.format,
-        method=method_name(spec),
-        selection=selection,
-        linearity=[LayerLinearity(**row) for row in analysis.layers],
-        linearity_notes=analysis_notes(),
-        perplexity=Perplexity(
-            baseline=baseline,
-            before_healing=before_healing,
-            validation_baseline=baseline_val,
-            validation_compressed=compressed_val,
-        ),
-        throughput=Throughput(
-            # Forward tokens/s of the evaluation windows themselves (LM head included).
-            tokens_per_s_before=windows.count("eval") / eval_seconds,
-            device=str(stack.device),
-        ),
-        data=data_info(windows, stack.model, analysis.reservoir_size),
-        versions=versions(),
-        notes=job.notes,
-    )
-    return save_and_verify(
-        job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole, texts
-    )
+    return indices, selection, before_healing, compressed_val
 
 
 def outside_texts(job: Job, stack, tokenizer, windows):
@@ -297,6 +323,16 @@ def generate_healing_text(job: Job, stack, windows) -> None:
         f"healing text: the fit windows, then {sampled.numel()} tokens sampled from the "
         f"original model ({rate:.0f} tokens/s)"
     )
+
+
+def dry_run_report(job: Job, stack, report: Report, output_dir: Path, residuals) -> Report:
+    """layers=max with dry_run: the analysis and the predicted curve, no checkpoint."""
+    from linearize.report import write_report_bundle
+
+    report.execution = execution_info(job, stack)
+    report.timings = job.timings
+    write_report_bundle(report, output_dir, residuals=residuals)
+    return report
 
 
 def whole_model_measures(job: Job, stack) -> bool:
@@ -446,68 +482,6 @@ def injection_point(spec, indices: list[int]) -> int:
     return first - 1 if spec.format == "standard" else first
 
 
-def select(job: Job, stack, windows, analysis, baseline_val: float, n_layers: int):
-    from linearize.selection import check_indices, max_budget, search_largest_budget
-
-    spec = job.spec
-    choose, info = selection_rule(spec, analysis, n_layers)
-    if spec.indices is not None:
-        return check_indices(spec.indices, n_layers), {**info, "mode": "indices"}
-    if spec.layers is not None:
-        return choose(spec.layers), {**info, "mode": "layers"}
-
-    def increase_for(indices: list[int]) -> float:
-        trial = trial_stack(stack)
-        replace(job, trial, windows, indices)
-        ppl, _ = perplexities(job, trial, {"validation": windows.validation}, "select")
-        return 100 * (ppl["validation"] / baseline_val - 1)
-
-    with job.timed("select"):
-        choices = [choose(k) for k in range(1, max_budget(n_layers) + 1)]
-        best, trace = search_largest_budget(choices, spec.target_ppl_increase, increase_for)
-    if not best:
-        raise InputError(
-            f"no layer can be replaced within a {spec.target_ppl_increase}% validation "
-            f"increase (k=1 gives {trace[0]['validation_increase_pct']:.1f}%)"
-        )
-    return best, {
-        **info,
-        "mode": "target_ppl_increase",
-        "search": (
-            "binary search on k, each k's choice by the rule above; each trial is "
-            f"{'removed' if removes(spec) else 'fitted'} without healing and measured on the "
-            "validation slice"
-        ),
-        "trace": trace,
-    }
-
-
-def selection_rule(spec, analysis, n_layers: int):
-    """(k -> the layers to replace, the report's description of the ranking and the rule).
-
-    A fit replaces the window its maps fit best; a removal, which has no map, drops the layers
-    that change their input least (ShortGPT's block influence), wherever they are."""
-    from linearize.selection import rank_layers, select_least_influential, select_window
-
-    if removes(spec):
-        cosines = [row["cosine_in_out"] for row in analysis.layers]
-        info = {
-            "ranking_signal": "mean token cos(layer input, output) on the fit windows "
-            "(ShortGPT's block influence is 1 - cos)",
-            "ranking": rank_layers(cosines, n_layers),
-            "rule": "the k layers with the highest cos(input, output), adjacent or not",
-        }
-        return (lambda k: select_least_influential(cosines, k, n_layers)), info
-    # Held-out ranking: 1 - validation error of each layer's own affine map.
-    scores = [1 - row["validation_error"] for row in analysis.layers]
-    info = {
-        "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
-        "ranking": rank_layers(scores, n_layers),
-        "rule": "the k adjacent layers with the highest total ranking signal (one span)",
-    }
-    return (lambda k: select_window(scores, k, n_layers)), info
-
-
 def trial_stack(stack):
     """A copy to try a replacement on; a streamed copy shares the shards, not the weights."""
     from linearize.stack import LayerStack
@@ -627,11 +601,29 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
     return [p for carrier in carriers for p in carrier.parameters()]
 
 
-def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
-    """Distil the maps; keep the result only if the validation perplexity improved."""
-    from linearize.healing import TOPK, default_loss, healing_params, restore, snapshot
+def heal(
+    job: Job,
+    stack,
+    windows,
+    teacher,
+    carriers,
+    last: int,
+    budget,
+    neighbours: int,
+    *,
+    eval_before: bool = True,
+):
+    """Distil the maps; keep the result only if the validation perplexity improved.
+    eval_before: also measure the evaluation windows before healing (the first result)."""
+    from linearize.healing import (
+        TOPK,
+        default_loss,
+        healing_params,
+        restore,
+        snapshot,
+        trained_parameter_names,
+    )
     from linearize.healing import heal as distil
-    from linearize.healing import trained_parameter_names
 
     max_steps, max_seconds = budget
     if stack.streamed:
@@ -640,9 +632,11 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         for position in range(teacher.start, last + 1):
             stack.keep(stack.prepare(position))
     params = healing_params(stack.model, carriers, neighbours=neighbours)
-    sets = {"validation": windows.validation, "eval": windows.eval}
+    sets = {"validation": windows.validation}
+    if eval_before:
+        sets["eval"] = windows.eval
     ppl, _ = perplexities(job, stack, sets, "heal")
-    val_before, eval_before = ppl["validation"], ppl["eval"]
+    val_before, eval_before = ppl["validation"], ppl.get("eval")
     saved = snapshot(params)
     with job.timed("heal"), job.progress.stage("heal", total=max_steps) as st:
         result = distil(
@@ -760,6 +754,10 @@ def save_and_verify(
             with job.progress.stage("behaviour", total=1, message="compressed model"):
                 behaviour.measure_compressed(reloaded.model)
         behaviour.fill(report)
+        if report.curve:
+            from linearize.search import complete_curve
+
+            complete_curve(report)
         p = report.perplexity
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
@@ -802,7 +800,7 @@ def _check_reload(reloaded: float, in_memory: float) -> None:
 def _check_budget_early(spec, n_layers: int) -> None:
     from linearize.selection import check_indices, check_layer_budget
 
-    if spec.layers is not None:
+    if isinstance(spec.layers, int):
         check_layer_budget(spec.layers, n_layers)
     if spec.indices is not None:
         check_indices(spec.indices, n_layers)

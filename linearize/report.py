@@ -38,6 +38,14 @@ def summary_lines(report: Report) -> list[str]:
             f"replaced   layers {report.replaced_layers} -> {report.format}, {report.method} "
             f"({m.layers_before} -> {m.layers_after} layers)"
         )
+    if report.curve:
+        s = report.selection
+        stopped = f"; stopped by its {s['stopped_by']}" if s.get("stopped_by") else ""
+        lines.append(
+            f"search     k = {s.get('chosen_k')} passes the gates "
+            f"({'predicted by unhealed probes, ' if s.get('dry_run') else ''}"
+            f"{s.get('trials')} trials, {s.get('healed_trials')} healed{stopped})"
+        )
     if m.params_after is not None:
         lines.append(
             f"params     {m.params_before:,} -> {m.params_after:,} "
@@ -203,6 +211,56 @@ def render_behaviour(report: Report) -> list[str]:
     return out
 
 
+def curve_table(report: Report) -> list[str]:
+    """The layers=max search's curve as a Markdown table, one row per trial, in measured order
+    (also the GitHub step summary's)."""
+    out = [
+        "| k | trial | layers | parameters | removed | perplexity | increase | KL | top-1 "
+        "| gates | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in report.curve:
+        mark = " **chosen**" if p.chosen else ""
+        out.append(
+            f"| {p.k} | {'healed' if p.healed else 'probe'} | {_span_text(p.layers)} | "
+            f"{p.params:,} | {p.params_removed:,} | {p.perplexity:.3f} | "
+            f"{p.ppl_increase_pct:+.1f}% | {_fmt(p.kl, '.4f')} | "
+            f"{_fmt(p.top1_agreement_pct, '.1f')}% | "
+            f"{'pass' if p.passed else 'fail'}{mark} | {p.seconds:.1f} |"
+        )
+    return out
+
+
+def render_curve(report: Report) -> list[str]:
+    if not report.curve:
+        return []
+    s = report.selection
+    stopped = f" The search was stopped by its {s['stopped_by']}." if s.get("stopped_by") else ""
+    checked = (
+        "The measured points are monotone in k."
+        if s.get("monotone", True)
+        else "The measured points are not monotone in k: " + "; ".join(s["violations"]) + "."
+    )
+    return [
+        "## Size against quality",
+        "",
+        f"Every budget the search of `--layers max` measured ({s.get('search', '')}): "
+        f"{s.get('trials')} trials, {s.get('healed_trials')} of them healed; "
+        f"chosen k = {s.get('chosen_k')}.{stopped} {checked} Probes are unhealed, measured on "
+        "the validation slice like the healed trials; the checkpoint is measured on the "
+        "evaluation windows above.",
+        "",
+        *curve_table(report),
+        "",
+    ]
+
+
+def _span_text(layers: list[int]) -> str:
+    from linearize.selection import contiguous_spans
+
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in contiguous_spans(layers))
+
+
 def _pm(metrics: dict, name: str) -> str:
     value, stderr = metrics.get(name), metrics.get(f"{name}_stderr")
     if value is None:
@@ -279,6 +337,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
                 out.append(f"- layer {row.index}: {tokens}")
         out.append("")
     out += render_behaviour(report)
+    out += render_curve(report)
     for name in plots:
         out += [f"![{name}]({name})", ""]
     if report.execution is not None:
@@ -371,7 +430,9 @@ def render_plots(report: Report, residuals=None) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     plots = {"linearity_profile.png": _plot_profile(plt, report)}
-    if report.perplexity is not None and report.perplexity.compressed is not None:
+    if len({p.k for p in report.curve}) > 1:
+        plots["perplexity_vs_layers.png"] = _plot_curve(plt, report)
+    elif report.perplexity is not None and report.perplexity.compressed is not None:
         plots["perplexity_vs_layers.png"] = _plot_ppl(plt, report)
     if residuals is not None:
         plots["token_nonlinearity.png"] = _plot_tokens(plt, report, residuals)
@@ -435,6 +496,57 @@ def _plot_ppl(plt, report: Report) -> bytes:
     ax.set_ylabel("perplexity")
     ax.legend()
     ax.set_title("Perplexity against the number of replaced layers")
+    return _png(fig)
+
+
+# (curve field, axis label, spec gate field): the panels of the curve plot
+CURVE_PANELS = (
+    ("ppl_increase_pct", "validation perplexity increase (%)", "gate_ppl_increase"),
+    ("kl", "KL(original || compressed), nats/token", "gate_kl"),
+    ("top1_agreement_pct", "top-1 agreement (%)", "gate_agreement"),
+)
+
+
+def _plot_curve(plt, report: Report) -> bytes:
+    """Quality against parameters removed, one panel per measure: unhealed probes hollow,
+    healed trials filled, the gates as dashed lines, the checkpoint's trial starred."""
+    gates = report.selection.get("gates", {})
+    fig, axes = plt.subplots(len(CURVE_PANELS), 1, figsize=(7, 8), sharex=True)
+    for ax, (field, label, gate) in zip(axes, CURVE_PANELS, strict=True):
+        series = sorted({(p.healed, p.method) for p in report.curve})
+        for healed, method in series:
+            points = sorted(
+                (p.params_removed / 1e6, getattr(p, field), p.k)
+                for p in report.curve
+                if (p.healed, p.method) == (healed, method) and getattr(p, field) is not None
+            )
+            if not points:
+                continue
+            x, y, _ = zip(*points, strict=True)
+            style = ("s-" if method == "fit" else "D-") if healed else "o--"
+            kind = "healed" if healed else "unhealed probe"
+            ax.plot(x, y, style, mfc=None if healed else "none", label=f"{kind} ({method})")
+            for xi, yi, k in points:
+                ax.annotate(
+                    f"k={k}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+        if gates.get(gate) is not None:
+            ax.axhline(gates[gate], color="red", linestyle=":", label="gate")
+        for p in report.curve:
+            if p.chosen and getattr(p, field) is not None:
+                ax.plot(
+                    p.params_removed / 1e6,
+                    getattr(p, field),
+                    "*",
+                    ms=14,
+                    color="gold",
+                    mec="black",
+                    label="checkpoint",
+                )
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("parameters removed (millions)")
+    axes[0].set_title("Quality against size: every k the search measured")
     return _png(fig)
 
 

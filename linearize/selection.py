@@ -98,3 +98,27 @@ def search_largest_budget(
         else:
             hi = k - 1
     return best, trace
+
+
+def selection_rule(spec, analysis, n_layers: int):
+    """(k -> the layers to replace, the report's description of the ranking and the rule).
+
+    A fit replaces the window its maps fit best; a removal, which has no map, drops the layers
+    that change their input least (ShortGPT's block influence), wherever they are."""
+    if spec.method == "remove":
+        cosines = [row["cosine_in_out"] for row in analysis.layers]
+        info = {
+            "ranking_signal": "mean token cos(layer input, output) on the fit windows "
+            "(ShortGPT's block influence is 1 - cos)",
+            "ranking": rank_layers(cosines, n_layers),
+            "rule": "the k layers with the highest cos(input, output), adjacent or not",
+        }
+        return (lambda k: select_least_influential(cosines, k, n_layers)), info
+    # Held-out ranking: 1 - validation error of each layer's own affine map.
+    scores = [1 - row["validation_error"] for row in analysis.layers]
+    info = {
+        "ranking_signal": "held-out R^2 of the per-layer affine map (validation slice)",
+        "ranking": rank_layers(scores, n_layers),
+        "rule": "the k adjacent layers with the highest total ranking signal (one span)",
+    }
+    return (lambda k: select_window(scores, k, n_layers)), info

@@ -310,7 +310,32 @@ def summary_markdown(job, report: dict[str, Any] | None) -> str:
                 f"| gate `{rule.get('name')}` | {rule.get('value'):.4g} "
                 f"{rule.get('comparison', '<=')} {rule.get('limit')}: {verdict} |"
             )
+        lines += _search_curve(report)
     return "\n".join(lines) + "\n"
+
+
+def _search_curve(report: dict[str, Any]) -> list[str]:
+    """--layers max: every k the search measured (validation slice), the chosen one in bold."""
+    curve = report.get("curve") or []
+    if not curve:
+        return []
+    lines = [
+        "",
+        f"**Size against quality** (chosen k = {report['selection'].get('chosen_k')}):",
+        "",
+        "| k | trial | params removed | ppl increase | KL | top-1 | gates |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in curve:
+        k = f"**{p['k']}**" if p.get("chosen") else str(p["k"])
+        kl, top1 = p.get("kl"), p.get("top1_agreement_pct")
+        lines.append(
+            f"| {k} | {'healed' if p['healed'] else 'probe'} | {p['params_removed']:,} | "
+            f"{p['ppl_increase_pct']:+.1f} % | {'-' if kl is None else f'{kl:.4f}'} | "
+            f"{'-' if top1 is None else f'{top1:.1f} %'} | "
+            f"{'pass' if p['passed'] else 'fail'} |"
+        )
+    return lines
 
 
 def _behaviour_rows(report: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ PLAIN_FIELDS = (
     "heal_text",
     "gate_kl",
     "gate_agreement",
+    "search_budget",
     "task_dir",
     "generation_prompts",
 )
@@ -34,7 +35,11 @@ PLAIN_FIELDS = (
 def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -> None:
     budget = p.add_mutually_exclusive_group(required=budget_required)
     budget.add_argument(
-        "--layers", type=int, help="number of layers to replace (the best window of adjacent ones)"
+        "--layers",
+        type=layers_value,
+        metavar="K|max",
+        help="number of layers to replace (the best window of adjacent ones); max: the largest "
+        "number whose healed model passes every --gate-* rule (a search)",
     )
     budget.add_argument("--indices", help="comma-separated original layer indices, e.g. 12,13,14")
     budget.add_argument(
@@ -134,6 +139,18 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
         "task; repeatable",
     )
     p.add_argument(
+        "--search-budget",
+        metavar="N|TIME",
+        help="--layers max: stop the search after N trials or a time (90s, 20m, 1h); "
+        "default: no bound",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="--layers max: the analysis and the curve predicted from unhealed probes; no "
+        "healing, no checkpoint (report.md, report.json and plots in --output)",
+    )
+    p.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute the baseline, the analysis and a GGUF conversion instead of reusing the cache",
@@ -188,7 +205,21 @@ def compress_fields(args: argparse.Namespace) -> dict[str, Any]:
             fields["gate_text_ppl_increase"] = per_text
     if args.no_cache:
         fields["use_cache"] = False
+    if args.dry_run:
+        fields["dry_run"] = True
     return fields
+
+
+def layers_value(text: str) -> int | str:
+    """--layers: a count, or max (the search)."""
+    if text == "max":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of layers or max, got {text!r}"
+        ) from None
 
 
 def given_compress_options(args: argparse.Namespace) -> list[str]:
@@ -196,7 +227,8 @@ def given_compress_options(args: argparse.Namespace) -> list[str]:
     names = [*PLAIN_FIELDS, "indices", "tasks", "gate_task_retained", "eval_data"]
     names.append("gate_ppl_increase")
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]
-    return given + (["--no-cache"] if args.no_cache else [])
+    flags = [f for f, on in (("--no-cache", args.no_cache), ("--dry-run", args.dry_run)) if on]
+    return given + flags
 
 
 def parse_task_gates(values: list[str]) -> dict[str, float]:

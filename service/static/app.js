@@ -96,6 +96,7 @@ const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
 
 function budgetText(spec) {
   if (spec.kind !== "compress") return "–";
+  if (spec.layers === "max") return "max (gated search)";
   if (spec.layers != null) return `${spec.layers} layer${spec.layers === 1 ? "" : "s"}`;
   if (spec.indices != null) return `layers ${spec.indices.join(", ")}`;
   if (spec.target_ppl_increase != null) return `≤ ${spec.target_ppl_increase} % ppl`;
@@ -462,7 +463,7 @@ function submitPage() {
   const budgetKind = h(
     "select",
     { id: "budget-kind", "aria-label": "Budget kind" },
-    h("option", { value: "layers" }, "layers to replace"),
+    h("option", { value: "layers" }, "layers to replace (a number, or max with a gate)"),
     h("option", { value: "indices" }, "layer indices (comma-separated)"),
     h("option", { value: "target_ppl_increase" }, "target perplexity increase (%)"),
   );
@@ -946,6 +947,7 @@ function reportView(job, rep, artifacts, events) {
   if (rep.linearity?.length) parts.push(...linearitySection(rep));
   if (rep.compare?.length) parts.push(...compareReportSection(rep));
   if (ppl) parts.push(perplexitySection(rep, job));
+  if (rep.curve?.length) parts.push(...curveSection(rep));
   const healing = rep.selection?.healing;
   if (healing) {
     const { points, source } = healingCurve(healing, events);
@@ -978,6 +980,46 @@ function reportView(job, rep, artifacts, events) {
   }
   if (artifacts) parts.push(artifactSection(job, artifacts));
   return parts;
+}
+
+// The layers=max search: every k it measured (linearize.search), in the order measured.
+function curveSection(rep) {
+  const s = rep.selection ?? {};
+  const intro =
+    `${s.trials} trials, ${s.healed_trials} healed; chosen k = ${s.chosen_k ?? "none"}` +
+    (s.stopped_by ? `; stopped by its ${s.stopped_by}` : "") +
+    (s.monotone === false ? `; not monotone: ${s.violations.join("; ")}` : "") +
+    ". Probes are unhealed; every trial is measured on the validation slice.";
+  const num = (label) => ({ label, num: true });
+  const rows = rep.curve.map((p) =>
+    h(
+      "tr",
+      { class: p.chosen ? "chosen" : "" },
+      h("td", { class: "num" }, String(p.k)),
+      h("td", {}, p.healed ? "healed" : "probe"),
+      h("td", { class: "num" }, millions(p.params_removed)),
+      h("td", { class: "num" }, fmt(p.perplexity, 3)),
+      h("td", { class: "num" }, pct(p.ppl_increase_pct)),
+      h("td", { class: "num" }, fmt(p.kl, 4)),
+      h("td", { class: "num" }, fmt(p.top1_agreement_pct, 1)),
+      h("td", {}, badge(p.passed ? "passed" : "failed"), p.chosen ? " chosen" : ""),
+      h("td", { class: "num" }, fmt(p.seconds, 1)),
+    ),
+  );
+  return [
+    h("h2", {}, "Size against quality"),
+    h(
+      "div",
+      { class: "card" },
+      h("p", { class: "muted" }, intro),
+      table(
+        [num("k"), "trial", num("removed"), num("perplexity"), num("increase"), num("KL")]
+          .concat([num("top-1 %"), "gates", num("seconds")]),
+        rows,
+        { id: "curve-table" },
+      ),
+    ),
+  ];
 }
 
 function linearitySection(rep) {

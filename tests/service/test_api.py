@@ -164,6 +164,16 @@ def test_budget_above_l_minus_2_names_the_limit(api, dataset):
     assert submit(api, tiny_spec(dataset, layers=4)).status_code == 202
 
 
+def test_max_layers_is_accepted_with_a_gate_and_refused_without(api, dataset):
+    searched = submit(api, tiny_spec(dataset, layers="max", gate_kl=0.2, search_budget="20m"))
+    assert searched.status_code == 202, searched.text
+    spec = searched.json()["spec"]
+    assert (spec["layers"], spec["gate_kl"], spec["search_budget"]) == ("max", 0.2, "20m")
+    ungated = submit(api, tiny_spec(dataset, layers="max"))
+    assert ungated.status_code == 422
+    assert "at least one of gate_ppl_increase" in messages(ungated)
+
+
 # An eval job's --reference is a model like any other: the same roots apply.
 EVAL_WITH_REFERENCE = {
     "kind": "eval",

@@ -32,6 +32,13 @@ def tiny_spec(dataset_id: str, **overrides) -> dict:
     return body
 
 
+def submit_and_open_the_job(page) -> str:
+    """Submit the form; the job id of the page it opens."""
+    page.click("#submit-form button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/jobs/job_[0-9a-f]+$"))
+    return page.url.rsplit("/", 1)[1]
+
+
 @pytest.fixture(scope="module")
 def dataset(server, ui_text) -> str:
     with server.http() as http:
@@ -140,9 +147,7 @@ def test_submit_follow_report_and_download_through_the_pages(tab, server, ui_tex
     banner.wait_for(state="visible")
     assert "method=remove drops the span" in banner.inner_text()
     page.select_option("#format", "standard")
-    page.click("#submit-form button[type=submit]")
-    page.wait_for_url(re.compile(r".*/ui/jobs/job_[0-9a-f]+$"))
-    job_id = page.url.rsplit("/", 1)[1]
+    job_id = submit_and_open_the_job(page)
     # Live progress from the SSE stream, then the report when the terminal event arrives.
     page.locator("#events li").first.wait_for(timeout=120_000)
     tab.shot("job-running")
@@ -415,3 +420,36 @@ def test_the_jobs_list_refreshes_itself_while_a_shown_job_is_live(
     assert len(list_reads) == reads
     tab.shot("jobs-refreshed")
     assert tab.console_errors == []
+
+
+def test_submit_max_layers_from_the_form_and_read_the_curve(tab, server, ui_text):
+    tab.sign_in()
+    page = tab.page
+    tab.goto("/ui/submit")
+    page.fill("#model", "tiny-llama")
+    page.fill("#budget", "max")
+    for field, value in (("calib_tokens", "256"), ("eval_tokens", "256"), ("seq_len", "64")):
+        page.fill(f"#{field}", value)
+    page.fill("#heal_steps", "3")
+    page.check("#data-upload")
+    page.set_input_files(
+        "#data-file", files=[{"name": "max.txt", "mimeType": "text/plain", "buffer": ui_text}]
+    )
+    page.click("#submit-form button[type=submit]")
+    budget_error = page.locator('[data-field="budget"] .field-error')
+    budget_error.wait_for(state="visible")
+    assert "at least one of gate_ppl_increase" in budget_error.inner_text()
+    page.fill("#gate_ppl_increase", "1000")
+    job_id = submit_and_open_the_job(page)
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
+    rows = page.locator("#curve-table tbody tr")
+    rows.first.wait_for()
+    with server.http() as http:
+        report = http.get(f"/v1/jobs/{job_id}/report").json()
+    assert rows.count() == len(report["curve"]) >= 2
+    chosen = page.locator("#curve-table tbody tr.chosen")
+    assert chosen.count() == 1
+    k = next(p["k"] for p in report["curve"] if p["chosen"])
+    assert chosen.locator("td").first.inner_text() == str(k) == str(report["selection"]["chosen_k"])
+    tab.shot("job-max-layers-curve")
+    assert [m for m in tab.console_errors if "status of 422" not in m] == []
