@@ -1,15 +1,21 @@
 """Mixture-of-experts layers: the exact fold into every expert, routers untouched, the dense/sparse
 layer pattern after removal, and compressions that reload to their reported perplexity."""
 
+import json
+
 import pytest
 import torch
-from tiny_models import MOE_ARCHITECTURES, build_tiny_model
+from tiny_models import MOE_ARCHITECTURES, build_tiny_model, save_tiny_model
 from transformers import AutoModelForCausalLM
 
+from api_schemas import CompressSpec, DataSpec
+from linearize import pipeline
 from linearize.architectures import decoder_layers, get_architecture
-from linearize.errors import FoldError
+from linearize.data import find_wikitext
+from linearize.errors import FoldError, UnsupportedArchitectureError
 from linearize.kinds import MixtureOfExperts
 from linearize.surgery import AffineMap, OutputFold, fold_and_remove, remove_layers
+from linearize.weights import ShardedWeights
 
 
 def moe_position(model) -> int:
@@ -118,3 +124,74 @@ def test_saved_model_rebuilds_the_kept_layers_pattern(family, tmp_path):
     ids = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+# --- through the pipeline ------------------------------------------------------------------------
+
+SMALL = dict(
+    calib_tokens=1024, seq_len=64, eval_tokens=512, use_cache=False, layers=2, generation_prompts=0
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DataSpec(path=str(find_wikitext()))
+
+
+def sharded_moe(directory, family: str):
+    """A tiny MoE model in the hub's on-disk layout (one tensor per expert), in several shards."""
+    save_tiny_model(family, directory, initializer_range=0.3)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="60KB")  # transformers writes per expert
+    (directory / "model.safetensors").unlink(missing_ok=True)
+    return directory
+
+
+def compress(model, data, out, **kw):
+    return pipeline.run(
+        CompressSpec(model=str(model), data=data, **{**SMALL, **kw}), output_dir=out
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "heal_steps"), [("qwen2_moe", 0), ("gpt_oss", 4), ("deepseek_v3", 0)]
+)
+def test_compress_moe_reloads_to_the_reported_perplexity(family, heal_steps, data, tmp_path):
+    source = sharded_moe(tmp_path / "m", family)
+    report = compress(source, data, tmp_path / "o", heal_steps=heal_steps)
+    ppl = report.perplexity
+    assert ppl.validation_reloaded == pytest.approx(ppl.validation_compressed, rel=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert reloaded.config.num_hidden_layers == 4 == report.model.layers_after
+    types = feed_forward_types(AutoModelForCausalLM.from_pretrained(source))
+    kept = [t for i, t in enumerate(types) if i not in report.replaced_layers]
+    assert feed_forward_types(reloaded) == kept
+    if heal_steps:
+        names = report.selection["healing"]["trained_names"]
+        assert any("experts.down_proj" in n for n in names)
+        assert not any("router" in n for n in names), "routers stay frozen"
+
+
+def test_streamed_moe_equals_resident(data, tmp_path):
+    source = sharded_moe(tmp_path / "m", "mixtral")
+    keys = ShardedWeights.open(source).keys()
+    assert any(".experts.0.w2.weight" in k for k in keys), "the hub's per-expert layout"
+    resident = compress(source, data, tmp_path / "r", streaming="off", heal_steps=0)
+    streamed = compress(source, data, tmp_path / "s", streaming="on", heal_steps=0)
+    assert streamed.execution.mode == "streamed"
+    assert streamed.replaced_layers == resident.replaced_layers
+    for a, b in zip(resident.linearity, streamed.linearity, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+    rp, sp = resident.perplexity, streamed.perplexity
+    assert sp.baseline == pytest.approx(rp.baseline, rel=1e-4)
+    assert sp.compressed == pytest.approx(rp.compressed, rel=1e-4)
+    assert sp.validation_reloaded == pytest.approx(sp.validation_compressed, rel=1e-5)
+
+
+def test_a_quantized_source_is_refused_naming_its_quantization(data, tmp_path):
+    source = save_tiny_model("mixtral", tmp_path / "m")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="quant_method='fp8'"):
+        compress(source, data, tmp_path / "o")
