@@ -221,3 +221,61 @@ def test_load_refuses_linear_checkpoint_with_missing_weights(tmp_path):
         file.unlink()
     with pytest.raises(ModelSourceError, match="no linearize"):
         load(out)
+
+
+def _dotted_differences(before: dict, after: dict, prefix: str = "") -> set[str]:
+    changed = set()
+    for key in set(before) | set(after):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed |= _dotted_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.add(f"{prefix}{key}")
+    return changed
+
+
+def test_compress_copies_every_non_weight_file_byte_for_byte(tmp_path, wikitext_path):
+    """A qwen2 model whose tokenizer files came from another family: loading them as a
+    Qwen2Tokenizer and saving it again rewrites tokenizer.json (another normalizer and
+    pre-tokenizer), so the checkpoint must copy the files, not re-serialise the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from api_schemas import CompressSpec, DataSpec
+    from linearize import pipeline
+
+    source = save_tiny_model("qwen2", tmp_path / "src", initializer_range=0.3)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (source / "README.md").write_text("# the source's card\n")
+    (source / "notes.txt").write_bytes(b"anything else the repository ships\x00\xff")
+    resaved = tmp_path / "resaved"
+    AutoTokenizer.from_pretrained(source).save_pretrained(resaved)
+    assert (resaved / "tokenizer.json").read_bytes() != (source / "tokenizer.json").read_bytes()
+
+    spec = CompressSpec(
+        model=str(source),
+        data=DataSpec(path=str(wikitext_path)),
+        calib_tokens=512,
+        seq_len=64,
+        eval_tokens=256,
+        layers=2,
+        heal_steps=0,
+        generation_prompts=0,
+    )
+    out = tmp_path / "out"
+    report = pipeline.run(spec, output_dir=out)
+
+    others = [
+        p for p in source.iterdir() if "safetensors" not in p.name and p.name != "config.json"
+    ]
+    assert {p.name for p in others} >= {"tokenizer.json", "generation_config.json", "notes.txt"}
+    for path in others:
+        copy = out / ("README.source.md" if path.name == "README.md" else path.name)
+        assert copy.read_bytes() == path.read_bytes(), path.name
+    before = json.loads((source / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    changes = report.model.config_changes
+    assert _dotted_differences(before, after) == set(changes)
+    assert {"num_hidden_layers", "layer_types", "linearize"} <= set(changes)
+    assert after["num_hidden_layers"] == 4 and len(after["layer_types"]) == 4

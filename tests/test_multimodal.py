@@ -22,7 +22,7 @@ from linearize.data import find_wikitext
 from linearize.errors import FoldError
 from linearize.weights import ShardedWeights
 
-SMALL = dict(calib_tokens=1024, seq_len=64, eval_tokens=512, generation_prompts=0)
+SMALL = dict(calib_tokens=512, seq_len=64, eval_tokens=256, generation_prompts=0)
 TEXT_PARTS = ("model.language_model.", "lm_head.")
 # Gemma's post-norm makes the fold inexact, so it is compressed in the linear format.
 FORMATS = {"gemma3": "linear"}
@@ -58,8 +58,12 @@ def non_weight_files(directory):
     )
 
 
-@pytest.mark.parametrize("heal_steps", [0, 3])
-@pytest.mark.parametrize("family", MULTIMODAL)
+# Every family without healing; healing (through the wrapper's text forward) on a fold and a
+# linear-format family, which keeps the suite's time budget.
+RUNS = [(family, 0) for family in MULTIMODAL] + [("llava", 3), ("gemma3", 3)]
+
+
+@pytest.mark.parametrize(("family", "heal_steps"), RUNS)
 def test_compress_multimodal_backbone_keeps_vision_and_files(
     sources, data, tmp_path, family, heal_steps
 ):
@@ -68,7 +72,11 @@ def test_compress_multimodal_backbone_keeps_vision_and_files(
 
     ppl = report.perplexity
     assert ppl.validation_reloaded == pytest.approx(ppl.validation_compressed, rel=1e-5)
+    if (family, heal_steps) == RUNS[0]:  # an independent eval job of the published checkpoint
+        again = pipeline.run(EvalSpec(model=str(out), data=data, eval_tokens=256, seq_len=64))
+        assert again.perplexity.baseline == pytest.approx(ppl.compressed, rel=1e-5)
     assert report.model.layers_before == 6
+    assert report.selection.get("healing", {}).get("steps", 0) == heal_steps
     model = reload(out, fmt)
     text = model.config.get_text_config()
     if fmt == "standard":
@@ -94,13 +102,6 @@ def test_compress_multimodal_backbone_keeps_vision_and_files(
     with torch.no_grad():
         logits = model(**image_text_inputs(family)).logits
     assert logits.shape[-1] == text.vocab_size and torch.isfinite(logits).all()
-
-
-def test_the_reloaded_multimodal_perplexity_is_the_reported_one(sources, data, tmp_path):
-    out = tmp_path / "out"
-    report = compress(sources["llava"], data, out, heal_steps=0)
-    again = pipeline.run(EvalSpec(model=str(out), data=data, eval_tokens=512, seq_len=64))
-    assert again.perplexity.baseline == pytest.approx(report.perplexity.compressed, rel=1e-5)
 
 
 def test_gemma3_standard_fold_is_refused_and_removal_works(sources, data, tmp_path):

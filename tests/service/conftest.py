@@ -33,11 +33,14 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
-    """A model root holding `tiny-llama` (6 layers, hidden 32, byte tokenizer, safetensors)."""
+    """A model root holding `tiny-llama` (6 layers, hidden 32, byte tokenizer, safetensors) and
+    `tiny-llava` (the same backbone in a llava wrapper with a tiny vision tower, hub layout)."""
     from tiny_models import save_tiny_model
+    from tiny_multimodal import save_multimodal_model
 
     root = tmp_path_factory.mktemp("models")
     save_tiny_model("llama", root / "tiny-llama")
+    save_multimodal_model("llava", root / "tiny-llava")
     return root
 
 
