@@ -41,8 +41,9 @@ def summary_lines(report: Report) -> list[str]:
     if report.curve:
         s = report.selection
         stopped = f"; stopped by its {s['stopped_by']}" if s.get("stopped_by") else ""
+        found = "no k" if s.get("chosen_k") is None else f"k = {s['chosen_k']}"
         lines.append(
-            f"search     k = {s.get('chosen_k')} passes the gates "
+            f"search     {found} passes the gates "
             f"({'predicted by unhealed probes, ' if s.get('dry_run') else ''}"
             f"{s.get('trials')} trials, {s.get('healed_trials')} healed{stopped})"
         )

@@ -211,7 +211,8 @@ def test_max_layers_gate_failing_at_k_one_exits_one_with_the_curve(tiny_llama, t
         (1, True, False),
     ]
     assert saved["replaced_layers"] == saved["curve"][-1]["layers"]
-    assert "| 1 | healed |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| 1 | healed |" in markdown and "search     no k passes the gates" in markdown
 
 
 def test_max_layers_dry_run_writes_the_predicted_curve_and_no_checkpoint(
