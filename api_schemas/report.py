@@ -220,6 +220,18 @@ class Execution(_Model):
     spilled_caches: int = Field(0, description="Activation caches written to disk.")
 
 
+class Resumed(_Model):
+    """What a retried or re-run job took over from an interrupted run (linearize.resume)."""
+
+    stages: list[str] = Field(
+        default_factory=list, description="The stages read back instead of recomputed, in order."
+    )
+    healing_step: int | None = Field(None, description="The healing checkpoint's step resumed.")
+    refused: str | None = Field(
+        None, description="Why the interrupted run's state was refused (the run started clean)."
+    )
+
+
 class Report(_Model):
     schema_version: str = REPORT_SCHEMA_VERSION
     kind: str
@@ -252,6 +264,7 @@ class Report(_Model):
     versions: dict[str, str] = Field(default_factory=dict)
     output_dir: str | None = None
     notes: list[str] = Field(default_factory=list)
+    resumed: Resumed | None = None
     compare: list[dict[str, Any]] | None = None
     curve: list[CurvePoint] = Field(
         default_factory=list,

@@ -132,6 +132,11 @@ def release_held() -> None:
         _release(path)
 
 
+def release(path: Path) -> None:
+    """End this process's hold on one path (before it removes it)."""
+    _release(Path(path))
+
+
 def _release(path: Path) -> None:
     fd = _held.pop(path, None)
     if fd is not None:
@@ -286,6 +291,26 @@ def _fetch_file(name: str, path: Path) -> None:
             os.replace(staging / path.name, path)
     except OSError as exc:
         log.warning("could not place the fetched cache file %s: %s", path, exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch_shared_file(name: str, path: Path) -> None:
+    """The one-file shared entry `name` into place at `path`, if the shared store has it."""
+    _fetch_file(name, path)
+
+
+def publish_shared_file(name: str, path: Path) -> None:
+    """Publish the file at `path` as the one-file shared entry `name`; never fails the job."""
+    if _remote is None:
+        return
+    staging = path.with_name(f".{path.name}.publish-{uuid.uuid4().hex[:8]}")
+    try:
+        staging.mkdir()
+        shutil.copyfile(path, staging / path.name)
+        _publish(name, staging)
+    except OSError as exc:
+        log.warning("could not publish %s to the shared cache: %s", path, exc)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run_local(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        again = "; the same command resumes it" if args.command == "compress" else ""
+        print(f"interrupted{again}", file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as exc:  # translated to an exit code here, at the boundary
         return _report_error(exc, args.debug)
@@ -172,6 +173,9 @@ def _run_local(args: argparse.Namespace) -> int:
     finally:
         sink.close()
     print("\n".join(summary_lines(report)))
+    if report.resumed is not None:
+        resumed = report.resumed
+        print("resumed    " + (", ".join(resumed.stages) or f"no: {resumed.refused}"))
     if getattr(args, "output", None) is not None:
         print(f"output     {args.output}")
     if report.gate is not None and not report.gate.passed:

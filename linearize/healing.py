@@ -217,6 +217,7 @@ def heal(
     loss_fn=None,
     decay: float = 0.0,
     on_step=None,
+    checkpoints=None,
 ) -> HealingResult:
     """Adam on `params` only, running positions teacher.start..last (default: the last layer)
     of the stack (or of a plain resident model) from the
@@ -228,6 +229,10 @@ def heal(
     start), the budget spent being the larger of the step and the time fractions, so a
     time-bound run decays on any machine. The caller judges the result on the validation slice
     (and may restore a snapshot taken before). `windows` only sets how many windows there are.
+
+    `checkpoints` (linearize.resume.HealingCheckpoints) restores an interrupted run's state
+    before the first step (the steps and seconds it spent count against the budget) and saves
+    the state after the steps it chooses.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(
@@ -253,7 +258,10 @@ def heal(
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    started = time.perf_counter()
+    spent = 0.0  # seconds of an interrupted run this one resumes
+    if checkpoints is not None:
+        losses, spent = checkpoints.restore(params, optimizer, generator)
+    started = time.perf_counter() - spent
     try:
         while len(losses) < max_steps and time.perf_counter() - started < max_seconds:
             pick = torch.randint(0, len(windows), (batch_size,), generator=generator)
@@ -273,6 +281,9 @@ def heal(
                 )
             optimizer.step()
             losses.append(loss.item())
+            if checkpoints is not None:
+                elapsed = time.perf_counter() - started
+                checkpoints.after_step(params, optimizer, generator, losses, elapsed)
             if on_step is not None:
                 on_step(len(losses), losses[-1])
     finally:

@@ -35,6 +35,8 @@ class Job:
         self.placement = None
         self._spill = None
         self._planner = None
+        self.resume_slot: str | None = None  # where a compress keeps its state (linearize.resume)
+        self.resume = None  # the open linearize.resume.Resume of a compress
 
     @contextmanager
     def timed(self, name: str):

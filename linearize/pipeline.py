@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
 from api_schemas.report import LayerLinearity, Perplexity, Throughput
-from linearize.errors import InputError, OutputExistsError, VerificationError
+from linearize.errors import Cancelled, InputError, OutputExistsError, VerificationError
 from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
 from linearize.job import Job
 from linearize.progress import Progress
@@ -47,12 +47,17 @@ def run(
     report_path: Path | None = None,
     progress: ProgressSink | None = None,
     force: bool = False,
+    resume_slot: str | None = None,
 ) -> Report:
     """Run one job spec (AnalyzeSpec | CompressSpec | EvalSpec | CompareSpec) to its report.
 
     `progress` receives ProgressEvents; if it raises `linearize.errors.Cancelled`, the run stops
     at that point (cooperative cancellation), nothing partial is left in `output_dir`, and every
     spilled activation file is removed.
+
+    A compress resumes an interrupted run of the same `resume_slot` (the service: the job id;
+    default: the spec itself, so the same command resumes), unless `use_cache` is off
+    (linearize.resume).
     """
     if isinstance(spec, dict):
         spec = TypeAdapter(JobSpec).validate_python(spec)
@@ -62,9 +67,17 @@ def run(
             raise InputError("compress needs an output directory")
         _refuse_existing_output(output_dir, force)
     job = Job(spec, Progress(progress))
+    if spec.kind == "compress" and spec.use_cache:
+        from linearize.resume import slot_for_arguments
+
+        job.resume_slot = resume_slot or slot_for_arguments(spec)
     runner = {"compress": compress, "analyze": analyze, "eval": evaluate, "compare": compare}
     try:
         report = runner[spec.kind](job, output_dir, force)
+    except Cancelled:
+        if job.resume is not None:
+            job.resume.clear()  # a cancelled job is not retried
+        raise
     finally:
         job.close()
     if report_path is not None:
@@ -179,6 +192,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.architectures import num_layers
     from linearize.auto import choose_method
     from linearize.behaviour import Behaviour
+    from linearize.resume import open_resume
 
     spec = job.spec
     behaviour = Behaviour(spec, job.timings)
@@ -191,6 +205,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     texts, replayed = outside_texts(job, stack, tokenizer, windows)
+    job.resume = resume = open_resume(job, stack, windows)
     whole = whole_model_measures(job, stack)
     if whole and not spec.dry_run:  # a dry run measures no checkpoint
         with job.progress.stage("behaviour", total=1, message="original model"):
@@ -245,12 +260,15 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         versions=versions(),
         notes=job.notes,
         curve=found.curve if found else [],
+        resumed=resume.info(),
     )
     if spec.dry_run:
         return dry_run_report(job, stack, report, output_dir, analysis.residuals)
-    return save_and_verify(
+    report = save_and_verify(
         job, loaded, windows, report, output_dir, force, analysis.residuals, behaviour, whole, texts
     )
+    resume.clear()  # published: nothing is left to resume
+    return report
 
 
 def replace_and_heal(
@@ -258,22 +276,26 @@ def replace_and_heal(
 ):
     """Select, replace and heal on the job's model: (indices, selection, eval perplexity
     before healing, validation perplexity of the result)."""
-    spec = job.spec
     from linearize.search import select
 
-    indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
+    spec, resume = job.spec, job.resume
+    indices, selection = resume.json_stage(
+        "selection", lambda: select(job, stack, windows, analysis, baseline_val, n_layers)
+    )
     job.progress.note("select", f"replacing layers {indices}")
     budget = healing_budget(spec)
     teacher = None
     if budget:
         neighbours = healed_layers_that_fit(job, stack)
-        carriers, teacher, last = replace_with_teacher(job, stack, windows, indices, neighbours)
+        carriers, teacher, last = replace_with_teacher(
+            job, stack, windows, indices, neighbours, resume
+        )
     else:
-        carriers = replace(job, stack, windows, indices)
+        carriers = replace(job, stack, windows, indices, resume)
     before_healing = None
     if budget:
         before_healing, selection["healing"] = heal(
-            job, stack, windows, teacher, carriers, last, budget, neighbours
+            job, stack, windows, teacher, carriers, last, budget, neighbours, resume=resume
         )
         info = selection["healing"]
         if replayed:
@@ -494,21 +516,24 @@ def trial_stack(stack):
     )
 
 
-def replace(job: Job, stack, windows, indices: list[int]) -> list:
+def replace(job: Job, stack, windows, indices: list[int], resume=None) -> list:
     """Fit and apply the maps; returns the parameters that carry them (for healing)."""
-    carriers, _, _ = _fit_and_replace(job, stack, windows, indices, teacher=None)
+    carriers, _, _ = _fit_and_replace(job, stack, windows, indices, teacher=None, resume=resume)
     return carriers
 
 
-def replace_with_teacher(job: Job, stack, windows, indices: list[int], neighbours: int):
+def replace_with_teacher(
+    job: Job, stack, windows, indices: list[int], neighbours: int, resume=None
+):
     """`replace`, with the teacher's states for healing captured in the same fit pass.
 
     Returns (carriers, TeacherCache, last position of the healed segment)."""
-    return _fit_and_replace(job, stack, windows, indices, teacher=neighbours)
+    return _fit_and_replace(job, stack, windows, indices, teacher=neighbours, resume=resume)
 
 
-def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
-    """teacher: None for no teacher, else the number of layers healed after the cut."""
+def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None, resume=None):
+    """teacher: None for no teacher, else the number of layers healed after the cut.
+    resume: the job's linearize.resume.Resume, whose fitted maps skip the fit pass."""
     from linearize.fitting import fit_pass, fit_spans
     from linearize.healing import TeacherCache
     from linearize.selection import contiguous_spans
@@ -533,9 +558,9 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
     # The teacher comes with the fit pass when healing reads the fit windows, else from a pass
     # of its own over the healing windows (the statistics stay those of the fit windows).
     # A removal fits nothing: its only pass is the teacher's.
-    joint = start is not None and windows.heal is windows.fit and not removing
-    maps = None
-    if not removing:
+    maps = resume.load_maps(indices) if resume is not None and not removing else None
+    joint = start is not None and windows.heal is windows.fit and not removing and maps is None
+    if not removing and maps is None:
         with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
             stats, t_in, t_out = fit_pass(
                 stack,
@@ -548,6 +573,8 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None):
                 stage=st,
             )
             maps = fit_spans(stack.model, stats, fmt=fmt)
+        if resume is not None:
+            resume.save_maps(indices, maps)
     if start is not None and not joint:
         heal_sets = {"heal": windows.heal}
         with job.timed("teacher"), job.pass_stage("teacher", stack, heal_sets) as st:
@@ -612,9 +639,12 @@ def heal(
     neighbours: int,
     *,
     eval_before: bool = True,
+    resume=None,
 ):
     """Distil the maps; keep the result only if the validation perplexity improved.
-    eval_before: also measure the evaluation windows before healing (the first result)."""
+    eval_before: also measure the evaluation windows before healing (the first result).
+    resume: the job's linearize.resume.Resume (its stages and healing checkpoints); None for a
+    trial that is not the job's own result (the search's), which keeps no state."""
     from linearize.healing import (
         TOPK,
         default_loss,
@@ -624,7 +654,9 @@ def heal(
         trained_parameter_names,
     )
     from linearize.healing import heal as distil
+    from linearize.resume import Resume
 
+    resume = resume or Resume.disabled(job)
     max_steps, max_seconds = budget
     if stack.streamed:
         # The segment is the healed layers: read them now and keep them, so that the parameters
@@ -635,7 +667,7 @@ def heal(
     sets = {"validation": windows.validation}
     if eval_before:
         sets["eval"] = windows.eval
-    ppl, _ = perplexities(job, stack, sets, "heal")
+    ppl = resume.json_stage("heal_before", lambda: perplexities(job, stack, sets, "heal")[0])
     val_before, eval_before = ppl["validation"], ppl.get("eval")
     saved = snapshot(params)
     with job.timed("heal"), job.progress.stage("heal", total=max_steps) as st:
@@ -649,7 +681,8 @@ def heal(
             max_seconds=max_seconds,
             seed=job.spec.seed,
             loss_fn=default_loss(stack, teacher, job.spec.heal_loss),
-            on_step=lambda step, loss: st.advance(1, f"loss {loss:.4f}"),
+            on_step=lambda step, loss: st.advance(step - st.current, f"loss {loss:.4f}"),
+            checkpoints=resume.healing(max_steps),
         )
         stopped_by = "step cap" if result.steps >= max_steps else f"{max_seconds:g} s time budget"
         if result.steps < max_steps:
