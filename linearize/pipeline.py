@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
-from api_schemas.report import LayerLinearity, Perplexity, Throughput
+from api_schemas.report import LayerLinearity, Perplexity
 from linearize.errors import InputError, OutputExistsError, VerificationError
 from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
 from linearize.job import Job
@@ -193,7 +193,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     if whole:
         with job.progress.stage("behaviour", total=1, message="original model"):
             behaviour.measure_original(stack.model, tokenizer, windows)
-    baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
+    baseline, baseline_val, analysis, _ = baseline_and_analysis(
         job, stack, windows, tokenizer, behaviour
     )
     indices, selection = select(job, stack, windows, analysis, baseline_val, n_layers)
@@ -233,11 +233,6 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
             before_healing=before_healing,
             validation_baseline=baseline_val,
             validation_compressed=compressed_val,
-        ),
-        throughput=Throughput(
-            # Forward tokens/s of the evaluation windows themselves (LM head included).
-            tokens_per_s_before=windows.count("eval") / eval_seconds,
-            device=str(stack.device),
         ),
         data=data_info(windows, stack.model, analysis.reservoir_size),
         versions=versions(),
@@ -672,6 +667,7 @@ def save_and_verify(
     from linearize.evaluation import count_parameters, parameter_bytes
     from linearize.gates import evaluate_gates
     from linearize.report import model_card, report_bundle_files
+    from linearize.throughput import measure_against_original
 
     stack = loaded.stack
     spec_json = job.spec.model_dump(mode="json")
@@ -690,7 +686,7 @@ def save_and_verify(
             reloaded = job.load(str(staged.path)).stack
         sets = {"validation": windows.validation, "eval": windows.eval}
         meter = eval_positions(behaviour.meter_hook(), windows)
-        ppl, seconds = perplexities(job, reloaded, sets, "verify", [meter])
+        ppl, _ = perplexities(job, reloaded, sets, "verify", [meter])
         _check_reload(ppl["validation"], report.perplexity.validation_compressed)
         if whole:
             with job.progress.stage("behaviour", total=1, message="compressed model"):
@@ -700,7 +696,7 @@ def save_and_verify(
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
         p.validation_reloaded = ppl["validation"]
-        report.throughput.tokens_per_s_after = windows.count("eval") / seconds["eval"]
+        report.throughput = measure_against_original(job, reloaded, windows.eval, whole)
         model = reloaded.model
         report.model.layers_after = len(reloaded.layers)
         report.model.params_after = count_parameters(model)
