@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"demo: no text at {args.data}.\n"
             f"Put a UTF-8 text file there (the wikitext-2 raw test split, wiki.test.raw, is what "
-            f"the numbers in README.md use), or run `make demo DATA=/path/to/text.txt`, "
+            f"the numbers in BENCHMARKS.md use), or run `make demo DATA=/path/to/text.txt`, "
             f"or set {WIKITEXT_ENV}.",
             file=sys.stderr,
         )
