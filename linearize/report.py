@@ -45,6 +45,16 @@ def throughput_text(t) -> str:
     return f"FLAGGED, not a result: {t.flag} ({figures})" if t.flag else figures
 
 
+def _throughput_row(t) -> str:
+    if t.flag or t.repeats is None:
+        return f"| tokens/s | {throughput_text(t)} | |"
+    return (
+        f"| tokens/s ({t.device}, median of {t.repeats}) | {t.tokens_per_s_before:.0f} | "
+        f"{t.tokens_per_s_after:.0f} ({t.measured_speedup:.2f}x; the FLOPs allow "
+        f"{t.expected_speedup:.2f}x) |"
+    )
+
+
 def summary_lines(report: Report) -> list[str]:
     """The few lines a terminal or a CI summary shows."""
     m = report.model
@@ -302,7 +312,7 @@ def model_card(report: Report) -> str:
             f"({p.increase_pct:+.1f}%) |"
         ]
     if report.throughput and report.throughput.tokens_per_s_after:
-        body += [f"| tokens/s | {throughput_text(report.throughput)} | |"]
+        body += [_throughput_row(report.throughput)]
     body += [
         "",
         f"Perplexity: {p.definition if p else ''}",
