@@ -667,7 +667,7 @@ def save_and_verify(
     from linearize.evaluation import count_parameters, parameter_bytes
     from linearize.gates import evaluate_gates
     from linearize.report import model_card, report_bundle_files
-    from linearize.throughput import measure_against_original
+    from linearize.throughput import time_against_original
 
     stack = loaded.stack
     spec_json = job.spec.model_dump(mode="json")
@@ -696,7 +696,7 @@ def save_and_verify(
         p.compressed = p.reloaded = ppl["eval"]
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
         p.validation_reloaded = ppl["validation"]
-        report.throughput = measure_against_original(job, reloaded, windows.eval, whole)
+        time_against_original(job, report, reloaded, windows.eval, whole)
         model = reloaded.model
         report.model.layers_after = len(reloaded.layers)
         report.model.params_after = count_parameters(model)

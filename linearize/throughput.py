@@ -136,19 +136,20 @@ def spread_pct(runs: list[float]) -> float:
     return 100 * (max(runs) - min(runs)) / statistics.median(runs)
 
 
-def measure_against_original(job, compressed_stack, windows: torch.Tensor, whole: bool):
-    """The job's original model reloaded next to the compressed one and both timed; None (with
-    a note) for a streamed job or when two copies would not fit the memory budget."""
+def time_against_original(job, report, compressed_stack, windows: torch.Tensor, whole: bool):
+    """Set report.throughput: the job's original model reloaded next to the compressed one and
+    both timed. A streamed job, or one whose two models would not fit the memory budget
+    together, is not timed; the report's notes say so."""
     placement = job.placement
     if not whole or compressed_stack.streamed:
-        job.notes.append("throughput not measured: the job streamed its layers")
-        return None
+        report.notes.append("throughput not measured: the job streamed its layers")
+        return
     if 2 * placement.weight_bytes > placement.budget_bytes:
-        job.notes.append(
+        report.notes.append(
             "throughput not measured: the original and the compressed model together exceed "
             "the memory budget"
         )
-        return None
+        return
     original = job.load(job.spec.model).stack
     with job.timed("throughput"), job.progress.stage("throughput", total=1, message="timing"):
-        return measure_throughput(original.model, compressed_stack.model, windows)
+        report.throughput = measure_throughput(original.model, compressed_stack.model, windows)
