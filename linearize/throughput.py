@@ -40,9 +40,13 @@ def forward_flops_per_token(model, seq_len: int) -> int:
 
 
 def attention_flops(config, seq_len: int) -> int:
-    """Scores (Q K^T) and weighted sum (A V) of one attention layer, per token, whole window."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    """Scores (Q K^T) and weighted sum (A V) of one attention layer, per token, whole window.
+    0 when the config names no heads: the bound then leaves attention out, which lowers it."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    if not heads:
+        return 0
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 4 * heads * head_dim * seq_len
 
 
