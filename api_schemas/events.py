@@ -12,7 +12,7 @@ class ProgressEvent(BaseModel):
 
     stage: str = Field(
         ...,
-        description="load | data | baseline | analyze | select | fit | heal | surgery | evaluate | save | verify",
+        description="load | data | baseline | analyze | select | fit | heal | surgery | evaluate | save | verify | behaviour | throughput",
     )
     current: int = 0
     total: int = 0

@@ -101,9 +101,29 @@ class TextPerplexity(_Model):
 
 
 class Throughput(_Model):
-    tokens_per_s_before: float
-    tokens_per_s_after: float | None = None
+    """Forward tokens/s of the original and the compressed model: the medians of interleaved,
+    warmed-up repetitions (linearize.throughput), next to what the arithmetic allows."""
+
+    tokens_per_s_before: float = Field(..., description="Median over the repetitions.")
+    tokens_per_s_after: float | None = Field(None, description="Median over the repetitions.")
     device: str
+    repeats: int | None = Field(None, description="Timed repetitions of each model.")
+    runs_before: list[float] = Field(default_factory=list, description="tokens/s, each run.")
+    runs_after: list[float] = Field(default_factory=list, description="tokens/s, each run.")
+    seq_len: int | None = None
+    flops_per_token_before: int | None = None
+    flops_per_token_after: int | None = None
+    measured_speedup: float | None = None
+    expected_speedup: float | None = Field(
+        None,
+        description="FLOPs per token of the original's forward / the compressed one's: the "
+        "speed-up that the removed work allows.",
+    )
+    flag: str | None = Field(
+        None,
+        description="Why the measurement is not a result (outside what the arithmetic "
+        "allows); None when it is.",
+    )
 
 
 class DataInfo(_Model):

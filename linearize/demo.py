@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"demo: no text at {args.data}.\n"
             f"Put a UTF-8 text file there (the wikitext-2 raw test split, wiki.test.raw, is what "
-            f"the numbers in README.md use), or run `make demo DATA=/path/to/text.txt`, "
+            f"the numbers in BENCHMARKS.md use), or run `make demo DATA=/path/to/text.txt`, "
             f"or set {WIKITEXT_ENV}.",
             file=sys.stderr,
         )
@@ -42,17 +42,24 @@ def main(argv: list[str] | None = None) -> int:
             str(args.data),
             "--calib-tokens",
             "8192",
+            # 8 evaluation windows (4k tokens): the demo measures them three times (the
+            # original, the model before healing, the reloaded checkpoint).
             "--eval-tokens",
-            "8192",
+            "4096",
             "--seq-len",
             "512",
             "--format",
             "standard",
-            # Half the default healing text: in its 60 s on 2 CPU cores the demo heals about
-            # 100 steps, which draw ~70 distinct windows of the default's 128 (64k tokens), and
-            # the teacher's pass over the other half would cost ~45 s of a 3-minute demo.
+            # A quarter of the default healing text and 45 s of healing: the teacher's pass
+            # over 64k tokens alone cost ~90 s of a 3-minute demo on 2 CPU cores. 16k tokens
+            # are 32 windows, which the ~70 steps of 45 s draw about twice each.
             "--heal-tokens",
-            "32768",
+            "16384",
+            "--heal-seconds",
+            "45",
+            # 4 greedy continuations instead of 16: each costs ~1.3 s per model on 2 cores.
+            "--generation-prompts",
+            "4",
             "--output",
             str(output),
             "--report",

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
-from api_schemas.report import LayerLinearity, Perplexity, Throughput
+from api_schemas.report import LayerLinearity, Perplexity
 from linearize.errors import Cancelled, InputError, OutputExistsError, VerificationError
 from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
 from linearize.job import Job
@@ -210,7 +210,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     if whole and not spec.dry_run:  # a dry run measures no checkpoint
         with job.progress.stage("behaviour", total=1, message="original model"):
             behaviour.measure_original(stack.model, tokenizer, windows)
-    baseline, baseline_val, analysis, eval_seconds = baseline_and_analysis(
+    baseline, baseline_val, analysis, _ = baseline_and_analysis(
         job, stack, windows, tokenizer, behaviour
     )
     if texts:
@@ -250,11 +250,6 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
             before_healing=before_healing,
             validation_baseline=baseline_val,
             validation_compressed=compressed_val,
-        ),
-        throughput=Throughput(
-            # Forward tokens/s of the evaluation windows themselves (LM head included).
-            tokens_per_s_before=windows.count("eval") / eval_seconds,
-            device=str(stack.device),
         ),
         data=data_info(windows, stack.model, analysis.reservoir_size),
         versions=versions(),
@@ -758,6 +753,7 @@ def save_and_verify(
     from linearize.evaluation import count_parameters, parameter_bytes
     from linearize.gates import evaluate_gates
     from linearize.report import model_card, report_bundle_files
+    from linearize.throughput import time_against_original
 
     stack = loaded.stack
     spec_json = job.spec.model_dump(mode="json")
@@ -781,7 +777,7 @@ def save_and_verify(
 
         sets = {"validation": windows.validation, "eval": windows.eval, **window_sets(texts)}
         meter = eval_positions(behaviour.meter_hook(), windows)
-        ppl, seconds = perplexities(job, reloaded, sets, "verify", [meter])
+        ppl, _ = perplexities(job, reloaded, sets, "verify", [meter])
         _check_reload(ppl["validation"], report.perplexity.validation_compressed)
         if whole:
             with job.progress.stage("behaviour", total=1, message="compressed model"):
@@ -796,7 +792,7 @@ def save_and_verify(
         p.increase_pct = 100 * (ppl["eval"] / p.baseline - 1)
         report.eval_texts = results(texts, ppl, p.increase_pct)
         p.validation_reloaded = ppl["validation"]
-        report.throughput.tokens_per_s_after = windows.count("eval") / seconds["eval"]
+        time_against_original(job, report, reloaded, windows.eval, whole)
         model = reloaded.model
         report.model.layers_after = len(reloaded.layers)
         report.model.params_after = count_parameters(model)

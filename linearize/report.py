@@ -29,6 +29,32 @@ def write_report_bundle(report: Report, directory: Path, residuals=None) -> None
             path.write_text(content)
 
 
+def throughput_text(t) -> str:
+    """Measured tokens/s with their spread and the speed-up the FLOPs allow; a flagged
+    measurement says so first, so it is never read as a result."""
+    if t.repeats is None:  # a report written before the interleaved measurement
+        return f"{t.tokens_per_s_before:.0f} -> {t.tokens_per_s_after:.0f} tokens/s ({t.device})"
+    from linearize.throughput import spread_pct
+
+    figures = (
+        f"{t.tokens_per_s_before:.0f} -> {t.tokens_per_s_after:.0f} tokens/s ({t.device}, median "
+        f"of {t.repeats}, spread {spread_pct(t.runs_before):.0f}% / "
+        f"{spread_pct(t.runs_after):.0f}%), {t.measured_speedup:.2f}x measured, "
+        f"{t.expected_speedup:.2f}x expected from the FLOPs"
+    )
+    return f"FLAGGED, not a result: {t.flag} ({figures})" if t.flag else figures
+
+
+def _throughput_row(t) -> str:
+    if t.flag or t.repeats is None:
+        return f"| tokens/s | {throughput_text(t)} | |"
+    return (
+        f"| tokens/s ({t.device}, median of {t.repeats}) | {t.tokens_per_s_before:.0f} | "
+        f"{t.tokens_per_s_after:.0f} ({t.measured_speedup:.2f}x; the FLOPs allow "
+        f"{t.expected_speedup:.2f}x) |"
+    )
+
+
 def summary_lines(report: Report) -> list[str]:
     """The few lines a terminal or a CI summary shows."""
     m = report.model
@@ -79,10 +105,7 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(f"task       {_task_line(task)}")
     t = report.throughput
     if t is not None and t.tokens_per_s_after:
-        lines.append(
-            f"throughput {t.tokens_per_s_before:.0f} -> {t.tokens_per_s_after:.0f} "
-            f"tokens/s ({t.device})"
-        )
+        lines.append(f"throughput {throughput_text(t)}")
     e = report.execution
     if e is not None:
         lines.append(
@@ -390,10 +413,7 @@ def model_card(report: Report) -> str:
             f"({p.increase_pct:+.1f}%) |"
         ]
     if report.throughput and report.throughput.tokens_per_s_after:
-        t = report.throughput
-        body += [
-            f"| tokens/s ({t.device}) | {t.tokens_per_s_before:.0f} | {t.tokens_per_s_after:.0f} |"
-        ]
+        body += [_throughput_row(report.throughput)]
     body += [
         "",
         f"Perplexity: {p.definition if p else ''}",

@@ -161,7 +161,7 @@ MEMORY_FIELDS = ("memory_budget", "streaming", "host_budget")
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:
-    """Where a job of any kind runs: resident or one decoder layer at a time (README, Big models)."""
+    """Where a job of any kind runs: resident or one decoder layer at a time (docs/METHOD.md, Big models)."""
     p.add_argument(
         "--memory-budget",
         metavar="SIZE",

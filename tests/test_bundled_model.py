@@ -47,6 +47,10 @@ def test_bundled_model_report_numbers_are_sane(report_and_dir):
     assert a.positions == 4 * 511 and 0 < a.kl < 2
     assert 0.3 < a.top1_agreement <= a.top5_contains_top1 <= 1
     assert report.generation.prompts == 16 and len(report.generation.pairs) == 3
+    # 30 -> 28 layers: the LM head and embedding stay, so the FLOPs allow less than 30/28.
+    t = report.throughput
+    assert t.repeats == 5 and 1.0 < t.expected_speedup < 30 / 28
+    assert (t.flag is None) == (t.measured_speedup <= 1.1 * t.expected_speedup)
 
 
 def test_bundled_checkpoint_loads_with_plain_transformers(report_and_dir):
@@ -96,6 +100,8 @@ def test_bundled_model_streamed_gives_the_resident_result(report_and_dir, tmp_pa
     spec = bundled_spec(wikitext_path, streaming="on", memory_budget="200MB")
     streamed = pipeline.run(spec, output_dir=tmp_path / "s")
     assert streamed.execution.mode == "streamed" and resident.execution.mode == "resident"
+    assert streamed.throughput is None  # two models are not timed on a streamed budget
+    assert any(note.startswith("throughput not measured") for note in streamed.notes)
     assert streamed.replaced_layers == resident.replaced_layers
     for a, b in zip(resident.linearity, streamed.linearity, strict=True):
         assert b.score == pytest.approx(a.score, rel=1e-6)

@@ -19,6 +19,7 @@ from linearize.errors import (
     VerificationError,
 )
 from linearize.selection import select_least_influential, select_window
+from linearize.throughput import forward_flops_per_token
 
 SMALL = dict(calib_tokens=2048, seq_len=128)
 
@@ -69,6 +70,12 @@ def test_compress_writes_a_checkpoint_that_reloads_to_the_same_perplexity(
     if fmt == "standard":
         model = AutoModelForCausalLM.from_pretrained(out)
         assert model.config.num_hidden_layers == 4
+        # Throughput: interleaved runs of both, next to the FLOPs ratio of the two checkpoints.
+        t, original = report.throughput, AutoModelForCausalLM.from_pretrained(tiny_llama)
+        assert t.repeats == len(t.runs_before) == len(t.runs_after) == 5
+        assert t.expected_speedup == pytest.approx(
+            forward_flops_per_token(original, 128) / forward_flops_per_token(model, 128)
+        )
         assert report.model.layers_after == 4
         assert report.model.params_after < report.model.params_before
     else:

@@ -925,7 +925,10 @@ function reportView(job, rep, artifacts, events) {
     summary.push(
       stat(
         "tokens/s",
-        `${Math.round(rep.throughput.tokens_per_s_before)} → ${Math.round(rep.throughput.tokens_per_s_after)}`,
+        // A measurement outside what the FLOPs allow is flagged in the report, not shown as a result.
+        rep.throughput.flag
+          ? "flagged (see report)"
+          : `${Math.round(rep.throughput.tokens_per_s_before)} → ${Math.round(rep.throughput.tokens_per_s_after)}`,
       ),
     );
   }

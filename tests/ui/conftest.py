@@ -2,7 +2,7 @@
 loopback port with the tiny test model, and Debian's Chromium driven by Playwright.
 
 Playwright cannot download its own browsers here; it runs the system `chromium`, which
-`make setup` and `.ci/run` install when it is missing.
+`make test`, `make test-ui` and `.ci/run` install when it is missing.
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ def browser() -> Iterator[object]:
 
     executable = shutil.which("chromium")
     if executable is None:
-        pytest.fail("chromium is not installed (make setup and .ci/run install Debian's chromium)")
+        pytest.fail(
+            "chromium is not installed (make test-ui and .ci/run install Debian's chromium)"
+        )
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium refuses its sandbox.
         launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
