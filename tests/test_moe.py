@@ -129,7 +129,7 @@ def test_saved_model_rebuilds_the_kept_layers_pattern(family, tmp_path):
 # --- through the pipeline ------------------------------------------------------------------------
 
 SMALL = dict(
-    calib_tokens=1024, seq_len=64, eval_tokens=512, use_cache=False, layers=2, generation_prompts=0
+    calib_tokens=512, seq_len=64, eval_tokens=256, use_cache=False, layers=2, generation_prompts=0
 )
 
 
