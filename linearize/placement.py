@@ -112,6 +112,7 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
 
     weights = ShardedWeights.open(directory, prefix)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    refuse_quantized(config, directory)
     get_architecture(config)  # an unsupported family is refused before the skeleton is built
     model_names, layers_prefix, head_prefix = _model_names(weights, config)
     target = torch_dtype(dtype)
@@ -166,6 +167,27 @@ def _model_names(weights, config) -> tuple[dict[str, str], str, str]:
     names = {key: model for model, key in weights.aliases.items()}
     head = module_prefix(skeleton, skeleton.get_output_embeddings())
     return names, get_architecture(config).layers_path + ".", head
+
+
+def refuse_quantized(config, directory: Path) -> None:
+    """A source stored quantized (gpt_oss's MXFP4 experts, FP8 blocks, GPTQ, ...) is refused:
+    the fold and the checkpoint writer work on plain tensors, and writing dequantized weights
+    under the source's quantization_config would not load."""
+    from linearize.errors import UnsupportedArchitectureError
+
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    raise UnsupportedArchitectureError(
+        f"{directory} is stored quantized (quant_method={str(method)!r}); quantized sources are "
+        "not supported yet: dequantize it first (load it with transformers and save_pretrained "
+        "in bfloat16), then compress that copy"
+    )
 
 
 def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path, str]:
