@@ -403,7 +403,8 @@ def write_patched_config(
     for field in changes:
         _set_path(raw, after, field.split("."))
     changes += _patch_dtype(raw, model)
-    (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    # The source's key order is kept, so a text diff of the two files shows only the changes.
+    (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return changes
 
 

@@ -165,6 +165,8 @@ def _model_names(weights, config) -> tuple[dict[str, str], str, str]:
         install_recorded_linear_blocks(skeleton)
     weights.bind(skeleton)
     names = {key: model for model, key in weights.aliases.items()}
+    for model, (_, parts) in weights.conversions.items():  # e.g. per-expert tensors, fused
+        names.update(dict.fromkeys((key for _, key in parts), model))
     head = module_prefix(skeleton, skeleton.get_output_embeddings())
     return names, get_architecture(config).layers_path + ".", head
 

@@ -1,5 +1,6 @@
 """Checkpoints reload into the same model, never leave half-written output, and refuse overwrites."""
 
+import copy
 import json
 
 import pytest
@@ -279,3 +280,56 @@ def test_compress_copies_every_non_weight_file_byte_for_byte(tmp_path, wikitext_
     assert _dotted_differences(before, after) == set(changes)
     assert {"num_hidden_layers", "layer_types", "linearize"} <= set(changes)
     assert after["num_hidden_layers"] == 4 and len(after["layer_types"]) == 4
+
+
+def test_patched_config_fills_a_per_layer_list_the_source_left_to_its_default(tmp_path):
+    """Older hub configs have no `layer_types`; transformers derives it. The patched config
+    gets the trimmed list, the source's other keys keep their order and values."""
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny_model("qwen2", tmp_path / "src")
+    raw = json.loads((source / "config.json").read_text())
+    del raw["layer_types"]
+    (source / "config.json").write_text(json.dumps(raw))
+    model = AutoModelForCausalLM.from_pretrained(source)
+    source_config = copy.deepcopy(model.config)
+    fold_and_remove(model, {(2, 3): OutputFold(_map(0, bias=False))})
+    staged = stage_checkpoint(
+        model,
+        None,
+        tmp_path / "out",
+        resolved_spec=SPEC,
+        files_dir=source,
+        source_config=source_config,
+    )
+    with staged:
+        written = json.loads((staged.path / "config.json").read_text())
+        changes = staged.config_changes
+        staged.publish()
+    assert set(changes) == {"layer_types", "num_hidden_layers", "linearize"}
+    assert written["layer_types"] == ["full_attention"] * 4 and written["num_hidden_layers"] == 4
+    assert [k for k in written if k in raw] == list(raw)
+    assert {k: v for k, v in written.items() if k not in changes} == {
+        k: v for k, v in raw.items() if k not in changes
+    }
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(reloaded.model.layers) == 4
+
+
+def test_a_linearize_checkpoint_as_source_does_not_copy_its_report_or_card(tmp_path):
+    first = save_checkpoint(
+        _folded_model("llama"),
+        build_tiny_tokenizer(),
+        tmp_path / "first",
+        resolved_spec=SPEC,
+        extra_files={"report.json": "{}", "README.md": "# ours\n"},
+    )
+    again = save_checkpoint(
+        load(first), None, tmp_path / "again", resolved_spec=SPEC, files_dir=first
+    )
+    names = {p.name for p in again.iterdir()}
+    assert (
+        "tokenizer.json" in names
+        and (again / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    )
+    assert not names & {"report.json", "README.md", "README.source.md"}
