@@ -239,14 +239,14 @@ def curve_table(report: Report) -> list[str]:
     """The layers=max search's curve as a Markdown table, one row per trial, in measured order
     (also the GitHub step summary's)."""
     out = [
-        "| k | trial | layers | parameters | removed | perplexity | increase | KL | top-1 "
-        "| gates | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| k | trial | method | layers | parameters | removed | perplexity | increase | KL "
+        "| top-1 | gates | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in report.curve:
         mark = " **chosen**" if p.chosen else ""
         out.append(
-            f"| {p.k} | {'healed' if p.healed else 'probe'} | {_span_text(p.layers)} | "
+            f"| {p.k} | {'healed' if p.healed else 'probe'} | {p.method} | {_span_text(p.layers)} | "
             f"{p.params:,} | {p.params_removed:,} | {p.perplexity:.3f} | "
             f"{p.ppl_increase_pct:+.1f}% | {_fmt(p.kl, '.4f')} | "
             f"{_fmt(p.top1_agreement_pct, '.1f')}% | "

@@ -201,7 +201,7 @@ class Found:
 def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int) -> Found:
     """Run the search on trial copies of `stack` and return the trial to publish: the largest
     passing k's healed trial, else the smallest k's (its gates then fail on the checkpoint)."""
-    from linearize.pipeline import healing_budget, method_name, removes
+    from linearize.pipeline import healing_budget, method_name
     from linearize.selection import max_budget
 
     spec = job.spec
@@ -226,7 +226,24 @@ def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int
     if outcome.stopped_by:
         job.notes.append(f"the search was stopped by its {outcome.stopped_by}")
     point, chosen_stack = trials.take(k, healing)
-    selection = {
+    selection = search_record(spec, trials, outcome)
+    if point.k in trials.healing:
+        selection["healing"] = trials.healing[point.k]
+    return Found(
+        chosen_stack,
+        list(point.layers),
+        selection,
+        point.perplexity,
+        trials.points,
+        method_name(trials.job.spec),
+    )
+
+
+def search_record(spec, trials: Trials, outcome: Outcome) -> dict:
+    """The report's `selection` of a search: the ranking, the rule, and how the search went."""
+    from linearize.pipeline import removes
+
+    return {
         **trials.info,
         "mode": "max",
         "search": (
@@ -246,16 +263,6 @@ def search_max(job, stack, windows, analysis, baseline_val: float, n_layers: int
         "monotone": not outcome.violations,
         "violations": outcome.violations,
     }
-    if point.k in trials.healing:
-        selection["healing"] = trials.healing[point.k]
-    return Found(
-        chosen_stack,
-        list(point.layers),
-        selection,
-        point.perplexity,
-        trials.points,
-        method_name(trials.job.spec),
-    )
 
 
 def complete_curve(report) -> None:

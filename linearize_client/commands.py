@@ -330,7 +330,8 @@ def _search_curve(report: dict[str, Any]) -> list[str]:
         k = f"**{p['k']}**" if p.get("chosen") else str(p["k"])
         kl, top1 = p.get("kl"), p.get("top1_agreement_pct")
         lines.append(
-            f"| {k} | {'healed' if p['healed'] else 'probe'} | {p['params_removed']:,} | "
+            f"| {k} | {'healed' if p['healed'] else 'probe'} {p.get('method', '')} | "
+            f"{p['params_removed']:,} | "
             f"{p['ppl_increase_pct']:+.1f} % | {'-' if kl is None else f'{kl:.4f}'} | "
             f"{'-' if top1 is None else f'{top1:.1f} %'} | "
             f"{'pass' if p['passed'] else 'fail'} |"

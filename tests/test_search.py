@@ -212,7 +212,7 @@ def test_max_layers_gate_failing_at_k_one_exits_one_with_the_curve(tiny_llama, t
     ]
     assert saved["replaced_layers"] == saved["curve"][-1]["layers"]
     markdown = (out / "report.md").read_text()
-    assert "| 1 | healed |" in markdown and "search     no k passes the gates" in markdown
+    assert "| 1 | healed | fit |" in markdown and "search     no k passes the gates" in markdown
 
 
 def test_max_layers_dry_run_writes_the_predicted_curve_and_no_checkpoint(
@@ -242,7 +242,7 @@ def test_step_summary_shows_the_search_curve_as_a_table():
 
     from linearize_client.commands import summary_markdown
 
-    point = dict(params_removed=1000, kl=0.1, top1_agreement_pct=90.0)
+    point = dict(params_removed=1000, kl=0.1, top1_agreement_pct=90.0, method="fit")
     report = {
         "model": {},
         "selection": {"chosen_k": 2},
@@ -257,5 +257,5 @@ def test_step_summary_shows_the_search_curve_as_a_table():
     )
     text = summary_markdown(job, report)
     assert "chosen k = 2" in text
-    assert "| **2** | healed | 1,000 | +9.0 % | 0.1000 | 90.0 % | pass |" in text
-    assert "| 3 | healed | 1,000 | +21.5 % | 0.1000 | 90.0 % | fail |" in text
+    assert "| **2** | healed fit | 1,000 | +9.0 % | 0.1000 | 90.0 % | pass |" in text
+    assert "| 3 | healed fit | 1,000 | +21.5 % | 0.1000 | 90.0 % | fail |" in text

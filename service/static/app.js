@@ -999,7 +999,7 @@ function curveSection(rep) {
       "tr",
       { class: p.chosen ? "chosen" : "" },
       h("td", { class: "num" }, String(p.k)),
-      h("td", {}, p.healed ? "healed" : "probe"),
+      h("td", {}, `${p.healed ? "healed" : "probe"} (${p.method})`),
       h("td", { class: "num" }, millions(p.params_removed)),
       h("td", { class: "num" }, fmt(p.perplexity, 3)),
       h("td", { class: "num" }, pct(p.ppl_increase_pct)),
