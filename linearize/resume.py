@@ -167,6 +167,7 @@ class Resume:
         )
 
     def _note(self, message: str) -> None:
+        log.info(message)
         self.job.notes.append(message)
         self.job.progress.note("resume", message)
 
@@ -195,7 +196,7 @@ class Resume:
         try:
             write(staging)
             os.replace(staging, target)
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:  # no space, or not serialisable
             log.warning("could not write resume state %s: %s", target, exc)
             return
         finally:
