@@ -50,6 +50,7 @@ def _weights(directory) -> dict:
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow  # three jobs in fresh pool processes: ~2.5-4 min on 2 loaded cores
 def test_worker_killed_during_healing_resumes_from_its_checkpoint_on_another_host(
     tmp_path,
     s3_server,
