@@ -412,6 +412,18 @@ class BucketCache:
             ContentType="application/json",
         )
 
+    def discard(self, prefix: str) -> None:
+        """Remove every entry whose name starts with `prefix/` (a finished job's resume state)."""
+        store = self.store
+        with store._errors(f"discarding cache entries {prefix}/"):
+            pages = store.client.get_paginator("list_objects_v2").paginate(
+                Bucket=store.bucket, Prefix=self._key(prefix) + "/"
+            )
+            for page in pages:
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    store.client.delete_objects(Bucket=store.bucket, Delete={"Objects": keys})
+
     def fetch(self, name: str, target: Path) -> bool:
         with self.store._errors(f"fetching cache entry {name}"):
             return self._fetch(name, target)

@@ -35,8 +35,9 @@ class ScratchEntry:
 def scratch_entries(scratch: Path) -> list[ScratchEntry]:
     cache = scratch / "cache"
     paths = [
-        *_children(cache, skip={"gguf", "spill"}),
+        *_children(cache, skip={"gguf", "spill", "resume"}),
         *_children(cache / "gguf"),
+        *_children(cache / "resume"),  # one job's state each (linearize.resume), held while used
         *(p for p in _children(scratch / "models") if (p / ".complete").is_file()),
         *_children(scratch / "datasets"),
     ]

@@ -60,6 +60,8 @@ class Remote(Protocol):
         """Make the files under `source` the entry `name`."""
         ...
 
+    # Optional: `discard(prefix)` removes the entries named `prefix/...` (discard_shared).
+
 
 _remote: Remote | None = None
 _held: dict[Path, int] = {}
@@ -298,6 +300,17 @@ def _fetch_file(name: str, path: Path) -> None:
 def fetch_shared_file(name: str, path: Path) -> None:
     """The one-file shared entry `name` into place at `path`, if the shared store has it."""
     _fetch_file(name, path)
+
+
+def discard_shared(prefix: str) -> None:
+    """Remove the shared entries under `prefix/`, where the shared store can; never fails."""
+    discard = getattr(_remote, "discard", None)
+    if discard is None:
+        return
+    try:
+        discard(prefix)
+    except Exception as exc:  # noqa: BLE001 - leftovers cost space, not correctness
+        log.warning("could not discard the shared cache entries %s/: %s", prefix, exc)
 
 
 def publish_shared_file(name: str, path: Path) -> None:

@@ -97,6 +97,11 @@ def open_resume(job, stack, windows) -> Resume:
     if job.resume_slot is None:
         return Resume.disabled(job)
     directory = cache.cache_dir() / "resume" / job.resume_slot
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a cache that cannot be written must not fail the job
+        log.warning("no resumable state for this job: %s", exc)
+        return Resume.disabled(job)
     state = Resume(directory, f"resume/{job.resume_slot}", job)
     state.take_over(key_parts(stack, windows, job.spec))
     return state
@@ -124,7 +129,6 @@ class Resume:
     def take_over(self, parts: dict) -> None:
         from linearize import cache
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         for file in STATE_FILES:
             if not (self.directory / file).exists():
                 cache.fetch_shared_file(f"{self.name}/{file}", self.directory / file)
@@ -153,6 +157,7 @@ class Resume:
 
         cache.release(self.directory)
         shutil.rmtree(self.directory, ignore_errors=True)
+        cache.discard_shared(self.name)
 
     def info(self) -> Resumed | None:
         if not self.enabled or not (self.stages or self.refused):
@@ -162,6 +167,7 @@ class Resume:
         )
 
     def _note(self, message: str) -> None:
+        log.info(message)
         self.job.notes.append(message)
         self.job.progress.note("resume", message)
 
@@ -190,7 +196,7 @@ class Resume:
         try:
             write(staging)
             os.replace(staging, target)
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:  # no space, or not serialisable
             log.warning("could not write resume state %s: %s", target, exc)
             return
         finally:

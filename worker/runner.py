@@ -302,7 +302,7 @@ def _execute(
             report_path=None,
             progress=_ProgressSink(store, job_id, owner, lease, settings.progress_interval_s),
             force=False,
-            resume_slot=f"job-{job_id}",  # a retried attempt takes over what this one kept
+            resume_slot=job_id,  # a retried attempt takes over what this one kept
         )
         out.mkdir(parents=True, exist_ok=True)
         report_json = report.model_dump_json(indent=2)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from s3_helpers import bucket_keys
 from safetensors.torch import load_file
 from stack_helpers import drop_pg_schema, pg_schema_url, tiny_spec, wait_until
-from test_s3 import _bucket_stack, _host, _own_cache
+from test_s3 import PREFIX, _bucket_stack, _host, _own_cache
 
 HEAL_STEPS = 200
 EVERY = 20  # steps between healing checkpoints
@@ -49,6 +50,7 @@ def _weights(directory) -> dict:
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow  # three jobs in fresh pool processes: ~2.5-4 min on 2 loaded cores
 def test_worker_killed_during_healing_resumes_from_its_checkpoint_on_another_host(
     tmp_path,
     s3_server,
@@ -116,5 +118,7 @@ def test_worker_killed_during_healing_resumes_from_its_checkpoint_on_another_hos
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
         assert resumed_s < fresh_s, (resumed_s, fresh_s)
+        # Both jobs are over: their state is gone from the bucket too.
+        assert bucket_keys(s3_server, bucket, f"{PREFIX}/cache/resume/") == []
     finally:
         stack.stop()
