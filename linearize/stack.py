@@ -303,19 +303,22 @@ class _Catcher(nn.Module):
     """Stands in for decoder layer `position`: records its call, passes the hidden states on."""
 
     def __init__(self, position: int, recorder: _CallRecorder, layer: nn.Module):
+        from linearize.surgery import returns_tuple
+
         super().__init__()
         self.position, self.recorder = position, recorder
         for name in _LAYER_ATTRIBUTES:
             if hasattr(layer, name):
                 setattr(self, name, getattr(layer, name))
+        self.tuple_output = returns_tuple(layer)  # the model unpacks such a layer's output
 
     def forward(self, hidden_states, *args, **kwargs):
         self.recorder.calls[self.position] = (args, kwargs)
         if self.position == 0:
             self.recorder.first_input = hidden_states
             if self.recorder.inject is not None:
-                return self.recorder.inject.to(hidden_states.dtype)
-        return hidden_states
+                hidden_states = self.recorder.inject.to(hidden_states.dtype)
+        return (hidden_states,) if self.tuple_output else hidden_states
 
 
 # --- streamed weights ---------------------------------------------------------------------------

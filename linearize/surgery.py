@@ -121,7 +121,8 @@ class LinearBlock(nn.Module):
         cache = _find_cache(args, kwargs)
         if cache is not None:
             _advance_cache_slot(cache, self.layer_idx, hidden_states)
-        return self.linear(hidden_states)
+        out = self.linear(hidden_states)
+        return (out,) if getattr(self, "tuple_output", False) else out
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}"
@@ -459,17 +460,28 @@ def _set_layers(model: nn.Module, arch: Architecture, layers: nn.ModuleList) -> 
 
 
 def _trim_config(config: Any, arch: Architecture, kept: list[int]) -> None:
-    old_count = int(getattr(config, arch.num_layers_key))
-    for key in arch.per_layer_config_keys:
+    trim_layer_config(config, arch.num_layers_key, arch.per_layer_config_keys, kept)
+
+
+def trim_layer_config(config: Any, count_key: str, keys: Iterable[str], kept: list[int]) -> None:
+    """Keep the layers at positions `kept` in the config: per-layer lists keep their entries,
+    lists of layer indices (LAYER_INDEX_KEYS, e.g. lfm2's full_attn_idxs) are renumbered."""
+    from linearize.discovery import LAYER_INDEX_KEYS
+
+    old_count = int(getattr(config, count_key))
+    for key in keys:
         values = getattr(config, key, None)
         if values is None:
+            continue
+        if key in LAYER_INDEX_KEYS:
+            setattr(config, key, [new for new, old in enumerate(kept) if old in set(values)])
             continue
         if len(values) != old_count:
             raise UnsupportedArchitectureError(
                 f"config.{key} has {len(values)} entries for {old_count} layers"
             )
         setattr(config, key, [values[pos] for pos in kept])
-    setattr(config, arch.num_layers_key, len(kept))
+    setattr(config, count_key, len(kept))
 
 
 def _renumber_layer_indices(layers: list[nn.Module]) -> None:
@@ -492,6 +504,19 @@ def _carry_layer_attributes(old: nn.Module, new: nn.Module) -> None:
     for name in _LAYER_ATTRIBUTES:
         if hasattr(old, name) and not isinstance(getattr(old, name), nn.Module):
             setattr(new, name, getattr(old, name))
+    if returns_tuple(old):
+        new.tuple_output = True
+
+
+def returns_tuple(layer: nn.Module) -> bool:
+    """Whether the layer's forward returns a tuple (falcon_h1), which its model unpacks with
+    [0]: a module in its place must do the same. Read from the forward's annotation."""
+    import inspect
+
+    if getattr(layer, "tuple_output", False):
+        return True
+    annotation = inspect.signature(type(layer).forward).return_annotation
+    return str(annotation).startswith(("tuple", "typing.Tuple")) or annotation is tuple
 
 
 def _first_parameter(*modules: nn.Module) -> Tensor | None:
