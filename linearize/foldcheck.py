@@ -69,7 +69,29 @@ def require_surgery(config: Any, *, fold: bool) -> SurgeryCheck:
 
 
 def check_surgery(config: Any) -> SurgeryCheck:
-    """Build the tiny model and run both checks (about a second on the CPU)."""
+    """Build the tiny model and run both checks (about a second on the CPU). The verdict is
+    remembered for the process: it depends only on the config and the code that ran it."""
+    key = _verdict_key(config)
+    if key not in _VERDICTS:
+        if len(_VERDICTS) >= 64:
+            _VERDICTS.clear()
+        _VERDICTS[key] = _run_checks(config)
+    return _VERDICTS[key]
+
+
+_VERDICTS: dict[str, SurgeryCheck] = {}
+
+
+def _verdict_key(config: Any) -> str:
+    import json
+
+    fields = config.to_dict()
+    for name in ("_name_or_path", "linearize", "transformers_version"):
+        fields.pop(name, None)
+    return f"{type(config).__qualname__}:{json.dumps(fields, sort_keys=True, default=str)}"
+
+
+def _run_checks(config: Any) -> SurgeryCheck:
     import torch
 
     from linearize.architectures import get_architecture

@@ -1,6 +1,8 @@
 """Families without a registry entry: layouts discovered from the model class, the surgery
 check that decides what each takes, and compressions end to end (hybrids included)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_families import (
@@ -52,6 +54,15 @@ def test_check_surgery_decides_the_fold_and_proves_the_removal(family):
     result = check_surgery(config)
     assert result.removal is None
     assert (result.fold is not None) == (family in FOLD_REFUSED), result.fold
+    # docs/FAMILIES.md says what the check says.
+    assert _documented_standard()[family] == ("no" if result.fold else "yes")
+
+
+def _documented_standard() -> dict[str, str]:
+    """family -> the standard column of docs/FAMILIES.md's table."""
+    doc = Path(__file__).parent.parent / "docs" / "FAMILIES.md"
+    rows = [line.split("|")[1:-1] for line in doc.read_text().splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): cells[2].strip() for cells in rows if cells[0].strip() != "family"}
 
 
 @pytest.mark.parametrize(
