@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from linearize.errors import UnsupportedArchitectureError
+from linearize.errors import FoldError, UnsupportedArchitectureError
+from linearize.kinds import DenseMLP, LayerKind, MixtureOfExperts, WeightLayout, always
 
 if TYPE_CHECKING:
     from torch import nn
 
-WeightLayout = Literal["out_in", "in_out"]
+__all__ = ["Architecture", "LayerKind", "WeightLayout", "get_architecture"]
+
+# A pattern trimmer rewrites the config fields that describe which layer is of which kind, given
+# the positions (in the old numbering) of the layers that stay; it runs before the layer count
+# changes, so `old_count` layers are described on entry.
+PatternTrimmer = Callable[[Any, list[int]], None]
 
 
 def _no_blocker(config: Any) -> str | None:
@@ -35,6 +41,14 @@ class Architecture:
         output also feeds the residual stream directly and can take a fold.
     fold_blocker: the reason a map on the MLP output cannot be folded exactly into `mlp_out`
         for this config, or None when it can.
+    layer_kinds: the kinds a layer's feed-forward block may be (linearize.kinds), tried in
+        order; empty means one kind, `DenseMLP(mlp_out, weight_layout)`. Surgery, fitting and
+        healing ask `kind_of(layer)` for the fold's carriers, the module whose output is the
+        MLP output, and what must stay frozen, never `mlp_out` directly.
+    pattern_trimmers: functions that keep config fields describing the layer pattern (which
+        layer is sparse, dense, ...) true after removal: `trim(config, kept)`.
+    mlp_output_scale: the factor the layer multiplies its MLP output by before the residual add
+        (Granite's residual_multiplier); fitting sees M times this factor.
     """
 
     name: str
@@ -46,9 +60,30 @@ class Architecture:
     per_layer_config_keys: tuple[str, ...] = ()
     parallel_residual: Callable[[Any], bool] = lambda config: False
     fold_blocker: Callable[[Any], str | None] = _no_blocker
+    layer_kinds: tuple[LayerKind, ...] = ()
+    pattern_trimmers: tuple[PatternTrimmer, ...] = ()
+    mlp_output_scale: Callable[[Any], float] = lambda config: 1.0
 
     def is_parallel_residual(self, config: Any) -> bool:
         return bool(self.parallel_residual(config))
+
+    def kinds(self) -> tuple[LayerKind, ...]:
+        return self.layer_kinds or (DenseMLP(self.mlp_out, self.weight_layout),)
+
+    def kind_of(self, layer: nn.Module) -> LayerKind:
+        """The kind of a decoder layer's feed-forward block; FoldError if it has none we know
+        (a linear block, or a module this entry does not describe)."""
+        for kind in self.kinds():
+            if kind.describes(layer):
+                return kind
+        names = ", ".join(kind.name for kind in self.kinds())
+        raise FoldError(
+            f"{type(layer).__name__} has no feed-forward block of a kind {self.name} knows "
+            f"({names})"
+        )
+
+    def has_kind(self, layer: nn.Module) -> bool:
+        return any(kind.describes(layer) for kind in self.kinds())
 
 
 def _gemma_post_norm(config: Any) -> str:
@@ -114,7 +149,118 @@ _ENTRIES = (
     ),
 )
 
-ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in _ENTRIES}
+
+# --- mixture-of-experts families ----------------------------------------------------------------
+# Layouts checked against transformers 5.24's modeling files: the fused experts' down_proj is
+# (E, d, ff) except gpt_oss and llama4 (E, ff, d); only gpt_oss has expert biases, and its gates
+# are a softmax over the top-k (sum 1), so an intercept folds exactly through them.
+
+
+def _norm_topk(config: Any) -> bool:
+    return bool(getattr(config, "norm_topk_prob", False))
+
+
+def _trim_sparse_step(config: Any, kept: list[int]) -> None:
+    """Qwen-MoE: layer i is sparse unless i is in mlp_only_layers or (i + 1) % step != 0. After a
+    removal the sparse layers are no longer every step-th one, so say it with an explicit list."""
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    dense_only = set(getattr(config, "mlp_only_layers", None) or ())
+    experts = int(getattr(config, "num_experts", 0) or 0)
+
+    def sparse(i: int) -> bool:
+        return i not in dense_only and experts > 0 and (i + 1) % step == 0
+
+    config.decoder_sparse_step = 1
+    config.mlp_only_layers = [new for new, old in enumerate(kept) if not sparse(old)]
+
+
+def _trim_first_k_dense(config: Any, kept: list[int]) -> None:
+    """DeepSeek: the first k layers are dense; kept dense layers are still a prefix."""
+    k = getattr(config, "first_k_dense_replace", None)
+    if k is not None:
+        config.first_k_dense_replace = sum(1 for old in kept if old < int(k))
+
+
+def _trim_moe_layers(config: Any, kept: list[int]) -> None:
+    """Llama 4: moe_layers lists the sparse layers (it overrides interleave_moe_layer_step)."""
+    sparse = set(getattr(config, "moe_layers", None) or ())
+    config.moe_layers = [new for new, old in enumerate(kept) if old in sparse]
+
+
+def _moe(name: str, kinds: tuple[LayerKind, ...], **overrides: Any) -> Architecture:
+    # Dense layers of a mixed family (mlp_only_layers, first_k_dense_replace) keep mlp.down_proj.
+    return _llama_like(name, layer_kinds=(*kinds, DenseMLP("mlp.down_proj")), **overrides)
+
+
+_MOE_ENTRIES = (
+    _moe(
+        "qwen2_moe",
+        (
+            MixtureOfExperts(
+                "mlp",
+                shared=("shared_expert.down_proj",),
+                routers=("gate", "shared_expert_gate"),
+                gates_sum_to_one=_norm_topk,
+            ),
+        ),
+        per_layer_config_keys=("layer_types",),
+        pattern_trimmers=(_trim_sparse_step,),
+    ),
+    _moe(
+        "qwen3_moe",
+        (MixtureOfExperts("mlp", gates_sum_to_one=_norm_topk),),
+        pattern_trimmers=(_trim_sparse_step,),
+    ),
+    _moe("mixtral", (MixtureOfExperts("mlp", gates_sum_to_one=always),)),
+    _moe("olmoe", (MixtureOfExperts("mlp", gates_sum_to_one=_norm_topk),)),
+    _moe(
+        "deepseek_v3",
+        (
+            MixtureOfExperts(
+                "mlp", shared=("shared_experts.down_proj",), gates_sum_to_one=_norm_topk
+            ),
+        ),
+        pattern_trimmers=(_trim_first_k_dense,),
+    ),
+    _moe(
+        "gpt_oss",
+        (
+            MixtureOfExperts(
+                "mlp",
+                down_bias="down_proj_bias",
+                layout="in_out",
+                routers=("router",),
+                gates_sum_to_one=always,
+            ),
+        ),
+        per_layer_config_keys=("layer_types",),
+    ),
+    _llama_like(
+        "granitemoe",
+        mlp_out="block_sparse_moe",
+        layer_kinds=(
+            MixtureOfExperts("block_sparse_moe", routers=("router",), gates_sum_to_one=always),
+        ),
+        mlp_output_scale=lambda config: float(getattr(config, "residual_multiplier", 1.0)),
+    ),
+    _llama_like(
+        "llama4_text",
+        mlp_out="feed_forward.down_proj",
+        layer_kinds=(
+            MixtureOfExperts(
+                "feed_forward",
+                layout="in_out",
+                shared=("shared_expert.down_proj",),
+                routers=("router",),
+            ),
+            DenseMLP("feed_forward.down_proj"),
+        ),
+        per_layer_config_keys=("layer_types", "no_rope_layers"),
+        pattern_trimmers=(_trim_moe_layers,),
+    ),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in (*_ENTRIES, *_MOE_ENTRIES)}
 
 
 def _config_of(model_or_config: Any) -> Any:

@@ -113,12 +113,16 @@ class SpanFit:
         self._hooks = []
         if fmt == "standard":
             arch = get_architecture(stack.model)
+            self._mlp_scale = float(arch.mlp_output_scale(stack.model.config))
             for start, _ in spans:
-                mlp = stack.layers[start - 1].get_submodule(arch.mlp_out)
+                before = stack.layers[start - 1]
+                mlp = arch.kind_of(before).output_module(before)
                 self._hooks.append(mlp.register_forward_hook(self._keep_mlp_output))
 
     def _keep_mlp_output(self, _module, _args, output) -> None:
-        self._mlp = output[0] if isinstance(output, tuple) else output
+        # MoE blocks may return (output, router scores); M is what reaches the residual add.
+        mlp = output[0] if isinstance(output, tuple) else output
+        self._mlp = mlp if self._mlp_scale == 1.0 else mlp * self._mlp_scale
 
     @property
     def last_layer(self) -> int:
@@ -139,8 +143,9 @@ class SpanFit:
             if self.fmt == "linear" and index == start:
                 self.features[span][rows] = x
             if self.fmt == "standard" and index == start - 1:
-                self.features[span][rows] = self._mlp
-                self.bases[span][rows] = y - self._mlp
+                mlp = self._mlp.reshape(y.shape)  # Llama 4's MoE returns (tokens, d)
+                self.features[span][rows] = mlp
+                self.bases[span][rows] = y - mlp
             if index == end:
                 base = self.bases[span][rows] if self.fmt == "standard" else 0
                 self.stats[span].update(self.features[span][rows], y - base)
@@ -199,11 +204,13 @@ def collect_span_stats(model, spans, windows, *, fmt: str, batch_size: int = 4):
 
 
 def projection_has_bias(model, span_start: int) -> bool:
+    """Whether the fold target of a span starting here can carry a map's intercept exactly."""
     from linearize.architectures import decoder_layers, get_architecture
 
     arch = get_architecture(model)
-    projection = decoder_layers(model)[span_start - 1].get_submodule(arch.mlp_out)
-    return getattr(projection, "bias", None) is not None
+    layer = decoder_layers(model)[span_start - 1]
+    carriers = arch.kind_of(layer).carriers(layer, model.config)
+    return any(c.takes_intercept and c.bias is not None for c in carriers)
 
 
 def fit_spans(model, span_stats: dict, *, fmt: str, ridge: float = DEFAULT_RIDGE) -> dict:

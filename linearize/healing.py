@@ -103,8 +103,18 @@ def capture_teacher(model, windows: torch.Tensor, start: int, *, batch_size: int
 
 
 def healing_params(model, carriers: list, neighbours: int = NEIGHBOUR_LAYERS) -> list:
-    """The maps' carriers plus the weight matrices (ndim 2) of the `neighbours` decoder layers
-    from each cut on, a cut being a layer that holds a carrier (the fold target or the block)."""
+    """The maps' carriers plus the weight matrices of the `neighbours` decoder layers from each
+    cut on, a cut being a layer that holds a carrier (the fold target or the block).
+
+    Weights are the parameters of ndim >= 2: matrices, and the fused 3-D experts of an MoE
+    layer (every expert's projections). Routers and shared-expert gates stay frozen (the
+    layer's kind lists them): the fold leaves them unchanged, a top-k choice is discrete so a
+    small step can move tokens to experts whose statistics healing never saw, and healing runs
+    without the load-balancing loss the router was trained with.
+    """
+    from linearize.architectures import get_architecture
+
+    arch = get_architecture(model)
     layers = decoder_layers(model)
     carrier_ids = {id(p) for p in carriers}
     cuts = [
@@ -113,10 +123,21 @@ def healing_params(model, carriers: list, neighbours: int = NEIGHBOUR_LAYERS) ->
     chosen = {id(p): p for p in carriers}
     for cut in cuts:
         for layer in layers[cut : cut + neighbours]:
+            frozen = {id(p) for p in _frozen_parameters(arch, layer)}
             for p in layer.parameters():
-                if p.ndim == 2:
+                if p.ndim >= 2 and id(p) not in frozen:
                     chosen.setdefault(id(p), p)
     return list(chosen.values())
+
+
+def _frozen_parameters(arch, layer) -> list:
+    return arch.kind_of(layer).frozen(layer) if arch.has_kind(layer) else []
+
+
+def trained_parameter_names(model, params: list) -> list[str]:
+    """The model's names of `params` (for the report's account of what healing trained)."""
+    wanted = {id(p) for p in params}
+    return [name for name, p in model.named_parameters() if id(p) in wanted]
 
 
 def logit_metric(output_weight: torch.Tensor) -> torch.Tensor:

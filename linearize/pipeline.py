@@ -567,20 +567,20 @@ def apply_maps(stack, spans, maps, fmt: str) -> list:
     targets = [stack.prepare(start - 1) for start, _ in spans]
     for layer in targets:
         stack.keep(layer)
-    projections = [layer.get_submodule(arch.mlp_out) for layer in targets]
+    carriers = [c for layer in targets for c in arch.kind_of(layer).carriers(layer, model.config)]
     if maps is None:
         remove_layers(model, [i for start, end in spans for i in range(start, end + 1)])
     else:
         fold_and_remove(model, maps)
     for layer in targets:
         layer.to("cpu" if stack.streamed else stack.device)
-    return [p for proj in projections for p in proj.parameters()]
+    return [p for carrier in carriers for p in carrier.parameters()]
 
 
 def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbours: int):
     """Distil the maps; keep the result only if the validation perplexity improved."""
     from linearize.healing import heal as distil
-    from linearize.healing import healing_params, restore, snapshot
+    from linearize.healing import healing_params, restore, snapshot, trained_parameter_names
 
     max_steps, max_seconds = budget
     if stack.streamed:
@@ -626,6 +626,7 @@ def heal(job: Job, stack, windows, teacher, carriers, last: int, budget, neighbo
         "segment": [teacher.start, last],  # positions the distillation runs through
         "neighbour_layers": neighbours,
         "trained_parameters": sum(p.numel() for p in params),
+        "trained_names": trained_parameter_names(stack.model, params),  # experts count as weights
         "heal_tokens": windows.count("heal"),
         "heal_windows": len(windows.heal),
         "heal_text": (

@@ -111,6 +111,7 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
 
     weights = ShardedWeights.open(directory, prefix)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    refuse_quantized(config, directory)
     arch = get_architecture(config)
     target = torch_dtype(dtype)
 
@@ -145,6 +146,27 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
 
 
 _FLOAT_NAMES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def refuse_quantized(config, directory: Path) -> None:
+    """A source stored quantized (gpt_oss's MXFP4 experts, FP8 blocks, GPTQ, ...) is refused:
+    the fold and the checkpoint writer work on plain tensors, and writing dequantized weights
+    under the source's quantization_config would not load."""
+    from linearize.errors import UnsupportedArchitectureError
+
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    raise UnsupportedArchitectureError(
+        f"{directory} is stored quantized (quant_method={str(method)!r}); quantized sources are "
+        "not supported yet: dequantize it first (load it with transformers and save_pretrained "
+        "in bfloat16), then compress that copy"
+    )
 
 
 def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path, str]:

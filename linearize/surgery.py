@@ -36,6 +36,7 @@ from linearize.architectures import (
     num_layers,
 )
 from linearize.errors import FoldError, InputError, UnsupportedArchitectureError
+from linearize.kinds import Carrier
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -192,7 +193,7 @@ def fold_and_remove(model: nn.Module, folds: dict[Span, OutputFold]) -> nn.Modul
     for span, fold in folds.items():
         _check_fold(arch, model, layers[span[0] - 1], span, fold)
     for (start, end), fold in folds.items():
-        _fold_into_block(arch, layers[start - 1], fold)
+        _fold_into_block(arch, model, layers[start - 1], fold)
         layout["folds"].append(
             {
                 "into": layout["origins"][start - 1][0],
@@ -233,19 +234,11 @@ def check_removable(model: nn.Module, spans: Iterable[Span]) -> None:
                 "span, and there is none (the first layer stays)"
             )
         before = layers[start - 1]
-        if isinstance(before, LinearBlock) or not _has_submodule(before, arch.mlp_out):
+        if isinstance(before, LinearBlock) or not arch.has_kind(before):
             raise InputError(
                 f"span {(start, end)}: layer {start - 1}, before it, has no MLP output "
                 "projection to heal (it is a linear block)"
             )
-
-
-def _has_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def remove_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
@@ -383,7 +376,8 @@ def _check_map_size(affine: AffineMap, d: int, span: Span) -> None:
 def _check_fold(arch: Architecture, model: nn.Module, layer: nn.Module, span, fold) -> None:
     d = hidden_size(model)
     _check_map_size(fold.mlp, d, span)
-    _check_bias_fits(layer.get_submodule(arch.mlp_out), fold.mlp, f"{arch.mlp_out} ({span})")
+    carriers = arch.kind_of(layer).carriers(layer, model.config)
+    _check_intercept_fits(carriers, fold.mlp, span)
     if fold.attn is None:
         return
     if not arch.is_parallel_residual(model.config):
@@ -393,6 +387,18 @@ def _check_fold(arch: Architecture, model: nn.Module, layer: nn.Module, span, fo
         )
     _check_map_size(fold.attn, d, span)
     _check_bias_fits(layer.get_submodule(arch.attn_out), fold.attn, f"{arch.attn_out} ({span})")
+
+
+def _check_intercept_fits(carriers: list[Carrier], affine: AffineMap, span: Span) -> None:
+    if affine.bias is None or any(c.takes_intercept and c.bias is not None for c in carriers):
+        return
+    if torch.count_nonzero(affine.bias) > 0:
+        names = ", ".join(c.name for c in carriers)
+        raise FoldError(
+            f"{names} ({span}) cannot carry the map's non-zero bias (no bias, or expert biases "
+            "whose gates do not sum to 1): fit the map without an intercept, or use "
+            "--format linear"
+        )
 
 
 def _check_bias_fits(projection: nn.Module, affine: AffineMap, where: str) -> None:
@@ -405,25 +411,34 @@ def _check_bias_fits(projection: nn.Module, affine: AffineMap, where: str) -> No
         )
 
 
-def _fold_into_block(arch: Architecture, layer: nn.Module, fold: OutputFold) -> None:
-    fold_into_projection(layer.get_submodule(arch.mlp_out), fold.mlp, arch.weight_layout)
+def _fold_into_block(arch: Architecture, model: nn.Module, layer: nn.Module, fold) -> None:
+    for carrier in arch.kind_of(layer).carriers(layer, model.config):
+        fold_into_carrier(carrier, fold.mlp)
     if fold.attn is not None:
         fold_into_projection(layer.get_submodule(arch.attn_out), fold.attn, arch.weight_layout)
 
 
-@torch.no_grad()
 def fold_into_projection(projection: nn.Module, affine: AffineMap, weight_layout: str) -> None:
     """Make `projection(h)` return `affine.apply(projection(h))`, exactly up to rounding."""
-    weight = projection.weight
+    bias = getattr(projection, "bias", None)
+    carrier = Carrier("projection", projection.weight, bias, weight_layout, takes_intercept=True)
+    fold_into_carrier(carrier, affine)
+
+
+@torch.no_grad()
+def fold_into_carrier(carrier: Carrier, affine: AffineMap) -> None:
+    """Right-multiply the carrier's output side by T: W (..., out, in) -> Tᵀ W, W (..., in, out)
+    -> W T, for every expert at once; its bias b -> b T, plus the intercept if it takes it."""
+    weight = carrier.weight
     t = affine.weight.to(device=weight.device, dtype=torch.float64)  # (d, d)
-    w = weight.to(torch.float64)  # out x in (Linear) or in x out (Conv1D)
-    new_weight = t.T @ w if weight_layout == "out_in" else w @ t
+    w = weight.to(torch.float64)
+    new_weight = t.T @ w if carrier.layout == "out_in" else w @ t
     weight.copy_(new_weight.to(weight.dtype))
-    if projection.bias is not None:
-        new_bias = projection.bias.to(torch.float64) @ t
-        if affine.bias is not None:
+    if carrier.bias is not None:
+        new_bias = carrier.bias.to(torch.float64) @ t  # (..., d)
+        if affine.bias is not None and carrier.takes_intercept:
             new_bias = new_bias + affine.bias.to(new_bias)
-        projection.bias.copy_(new_bias.to(projection.bias.dtype))
+        carrier.bias.copy_(new_bias.to(carrier.bias.dtype))
 
 
 # --- rebuilding the layers list and the config -------------------------------------------------
@@ -460,6 +475,8 @@ def _set_layers(model: nn.Module, arch: Architecture, layers: nn.ModuleList) -> 
 
 
 def _trim_config(config: Any, arch: Architecture, kept: list[int]) -> None:
+    for trim_pattern in arch.pattern_trimmers:
+        trim_pattern(config, kept)
     trim_layer_config(config, arch.num_layers_key, arch.per_layer_config_keys, kept)
 
 

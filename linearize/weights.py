@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from linearize.errors import ModelSourceError
 
@@ -37,26 +38,36 @@ class ShardedWeights:
         self.directory = directory
         self.entries = entries
         self.aliases: dict[str, str] = {}  # the model's name of a tensor -> its name in the shards
+        # the model's name of a tensor built from several shard tensors (one per expert, or gate
+        # and up apart) -> (transformers' WeightConverter, [(source pattern, shard key), ...])
+        self.conversions: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
 
     def bind(self, model) -> None:
-        """Learn the model's names for the shards' tensors, the way transformers renames them
-        on load (legacy names such as GPT-NeoX's `embed_out`, a missing base-model prefix)."""
+        """Learn the model's names for the shards' tensors, the way transformers renames and
+        converts them on load (legacy names such as GPT-NeoX's `embed_out`, a missing base-model
+        prefix, MoE experts stored one tensor per expert that the model holds fused)."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
             WeightRenaming,
+            dot_natural_key,
             rename_source_key,
         )
 
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
         names = model.state_dict(keep_vars=True)
-        for key in self.entries:
-            renamed, converted = rename_source_key(
+        # Natural order (experts.2 before experts.10): the converter stacks experts in it.
+        for key in sorted(self.entries, key=dot_natural_key):
+            renamed, pattern = rename_source_key(
                 key, renamings, converters, model.base_model_prefix, names
             )
-            if converted is None and renamed != key:
+            if pattern is not None:
+                group = self.conversions.setdefault(renamed, (by_pattern[pattern], []))
+                group[1].append((pattern, key))
+            elif renamed != key:
                 self.aliases[renamed] = key
 
     def shard_key(self, key: str) -> str:
@@ -73,7 +84,7 @@ class ShardedWeights:
         return cls(directory, entries)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries
+        return key in self.entries or key in self.conversions
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -86,7 +97,33 @@ class ShardedWeights:
         return sum(e.nbytes for key, e in self.entries.items() if key.startswith(prefix))
 
     def read(self, keys: Iterable[str]) -> dict:
-        """{key: tensor} for `keys`, grouped by file; every handle is closed on return."""
+        """{key: tensor} for `keys`, grouped by file; every handle is closed on return. A key
+        the model holds converted (fused experts) is built from its shard tensors."""
+        keys = list(keys)
+        converted = [k for k in keys if k not in self.entries and k in self.conversions]
+        tensors = self._read_stored(k for k in keys if k not in converted)
+        for key in converted:
+            tensors[key] = self._read_converted(key)
+        return tensors
+
+    def _read_converted(self, key: str):
+        """One converted tensor, through the same transformers WeightConverter as a load."""
+        from copy import deepcopy
+
+        template, sources = self.conversions[key]
+        converter = deepcopy(template)
+        stored = self._read_stored(shard_key for _, shard_key in sources)
+        for pattern, shard_key in sources:
+            converter.add_tensor(key, shard_key, pattern, lambda t=stored.pop(shard_key): t)
+        built = converter.convert(key)
+        if key not in built:
+            raise ModelSourceError(
+                f"{self.directory}: converting {len(sources)} shard tensors gave "
+                f"{sorted(built)}, not {key!r}"
+            )
+        return built[key]
+
+    def _read_stored(self, keys: Iterable[str]) -> dict:
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = defaultdict(list)

@@ -33,7 +33,11 @@ def test_registry_paths_resolve_on_real_models(arch_name):
     assert hidden_size(model) == 32
     expected_type = nn.Linear if arch.weight_layout == "out_in" else Conv1D
     for layer in layers:
-        assert isinstance(layer.get_submodule(arch.mlp_out), expected_type)
+        kind = arch.kind_of(layer)
+        assert kind.output_module(layer) in set(layer.modules())
+        for carrier in kind.carriers(layer, model.config):
+            side = -2 if carrier.layout == "out_in" else -1  # the hidden side takes the map
+            assert carrier.weight.shape[side] == 32, carrier.name
         assert isinstance(layer.get_submodule(arch.attn_out), expected_type)
     for key in arch.per_layer_config_keys:
         assert len(getattr(model.config, key)) == num_layers(model)

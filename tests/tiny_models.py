@@ -112,3 +112,53 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides) -> P
     model.save_pretrained(directory)
     build_tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+# Mixture-of-experts families: 4 experts, top-2 (llama4: top-1, as it ships), and a mixed
+# dense/sparse pattern where the family has one, so that pattern trimming is exercised.
+_MOE = dict(_COMMON, num_experts_per_tok=2)
+TINY_MOE_CONFIGS: dict[str, dict] = {
+    "qwen2_moe": dict(
+        _MOE,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=2,
+        mlp_only_layers=[3],
+    ),
+    "qwen3_moe": dict(
+        _MOE, num_experts=4, moe_intermediate_size=16, head_dim=8, mlp_only_layers=[1, 4]
+    ),
+    "mixtral": dict(_MOE, num_local_experts=4, sliding_window=None),
+    "olmoe": dict(_MOE, num_experts=4),
+    "granitemoe": dict(_MOE, num_local_experts=4, residual_multiplier=0.5),
+    "gpt_oss": dict(_MOE, num_local_experts=4, head_dim=8, sliding_window=16),
+    "deepseek_v3": dict(
+        _MOE,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        head_dim=4,
+    ),
+    "llama4_text": dict(
+        _COMMON,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        intermediate_size=16,
+        intermediate_size_mlp=64,
+        interleave_moe_layer_step=2,
+        head_dim=8,
+        attention_chunk_size=64,
+    ),
+}
+TINY_CONFIGS.update(TINY_MOE_CONFIGS)
+MOE_ARCHITECTURES = sorted(TINY_MOE_CONFIGS)
+ARCHITECTURES = sorted(TINY_CONFIGS)

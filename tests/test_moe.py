@@ -1,0 +1,197 @@
+"""Mixture-of-experts layers: the exact fold into every expert, routers untouched, the dense/sparse
+layer pattern after removal, and compressions that reload to their reported perplexity."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import MOE_ARCHITECTURES, build_tiny_model, save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from api_schemas import CompressSpec, DataSpec
+from linearize import pipeline
+from linearize.architectures import decoder_layers, get_architecture
+from linearize.data import find_wikitext
+from linearize.errors import FoldError, UnsupportedArchitectureError
+from linearize.kinds import MixtureOfExperts
+from linearize.surgery import AffineMap, OutputFold, fold_and_remove, remove_layers
+from linearize.weights import ShardedWeights
+
+
+def moe_position(model) -> int:
+    """The first MoE layer after layer 0 (a fold target needs a layer after it)."""
+    arch = get_architecture(model)
+    layers = decoder_layers(model)
+    return next(
+        i
+        for i in range(1, len(layers) - 1)
+        if isinstance(arch.kind_of(layers[i]), MixtureOfExperts)
+    )
+
+
+def mlp_output_and_hidden(model, position: int, ids):
+    """(M, the MLP output of layer `position` as it enters the residual stream; the hidden state
+    after that layer)."""
+    arch = get_architecture(model)
+    layer = decoder_layers(model)[position]
+    seen = {}
+
+    def keep(_module, _args, output):
+        seen["m"] = output[0] if isinstance(output, tuple) else output
+
+    hook = arch.kind_of(layer).output_module(layer).register_forward_hook(keep)
+    try:
+        out = model(ids, output_hidden_states=True)
+    finally:
+        hook.remove()
+    hidden = out.hidden_states[position + 1]
+    scale = arch.mlp_output_scale(model.config)
+    return seen["m"].reshape(hidden.shape) * scale, hidden  # Llama 4's MoE returns (tokens, d)
+
+
+def random_map(d: int, *, intercept: bool, seed: int = 1) -> AffineMap:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(
+        d, d, generator=generator, dtype=torch.float64
+    )
+    bias = torch.randn(d, generator=generator, dtype=torch.float64) if intercept else None
+    return AffineMap(weight, bias)
+
+
+def router_state(model) -> dict:
+    arch = get_architecture(model)
+    state = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        if arch.has_kind(layer):
+            for j, p in enumerate(arch.kind_of(layer).frozen(layer)):
+                state[(i, j)] = p.detach().clone()
+    return state
+
+
+@pytest.mark.parametrize("family", MOE_ARCHITECTURES)
+def test_fold_into_every_expert_is_exact_and_leaves_the_routers(family):
+    model = build_tiny_model(family, initializer_range=0.3).double()
+    model.set_experts_implementation("eager")  # the grouped-mm kernels take no float64
+    position = moe_position(model)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m, hidden = mlp_output_and_hidden(model, position, ids)
+    arch = get_architecture(model)
+    layer = decoder_layers(model)[position]
+    carriers = arch.kind_of(layer).carriers(layer, model.config)
+    intercept = any(c.takes_intercept for c in carriers)
+    affine = random_map(m.shape[-1], intercept=intercept)
+    # The expected block output: the unfolded model's, with M replaced by M T + c.
+    expected = hidden - m + affine.apply(m)
+    routers_before = {k: v for k, v in router_state(model).items() if k[0] != position + 1}
+    fold_and_remove(model, {(position + 1, position + 1): OutputFold(mlp=affine)})
+    with torch.no_grad():
+        folded = model(ids, output_hidden_states=True).hidden_states[position + 1]
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-5)
+    assert (folded - hidden).abs().max() > 1e-2, "the map must change the block's output"
+    routers_after = router_state(model)
+    renumbered = {(i - (i > position), j): v for (i, j), v in routers_before.items()}
+    assert routers_after.keys() == renumbered.keys()
+    for key, before in renumbered.items():
+        assert torch.equal(routers_after[key], before), key
+
+
+def test_fold_refuses_an_intercept_that_no_expert_bias_can_carry():
+    model = build_tiny_model("mixtral")
+    affine = random_map(32, intercept=True)
+    with pytest.raises(FoldError, match="cannot carry the map's non-zero bias"):
+        fold_and_remove(model, {(2, 2): OutputFold(mlp=affine)})
+
+
+def feed_forward_types(model) -> list[str]:
+    arch = get_architecture(model)
+    return [
+        type(arch.kind_of(layer).output_module(layer)).__name__ for layer in decoder_layers(model)
+    ]
+
+
+@pytest.mark.parametrize("family", MOE_ARCHITECTURES)
+def test_saved_model_rebuilds_the_kept_layers_pattern(family, tmp_path):
+    model = build_tiny_model(family)
+    types = feed_forward_types(model)
+    removed = [2, 3] if family != "deepseek_v3" else [1, 4]  # deepseek: a dense one goes too
+    remove_layers(model, removed)
+    kept_types = [t for i, t in enumerate(types) if i not in removed]
+    assert feed_forward_types(model) == kept_types
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert feed_forward_types(reloaded) == kept_types
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+# --- through the pipeline ------------------------------------------------------------------------
+
+SMALL = dict(
+    calib_tokens=1024, seq_len=64, eval_tokens=512, use_cache=False, layers=2, generation_prompts=0
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DataSpec(path=str(find_wikitext()))
+
+
+def sharded_moe(directory, family: str):
+    """A tiny MoE model in the hub's on-disk layout (one tensor per expert), in several shards."""
+    save_tiny_model(family, directory, initializer_range=0.3)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="60KB")  # transformers writes per expert
+    (directory / "model.safetensors").unlink(missing_ok=True)
+    return directory
+
+
+def compress(model, data, out, **kw):
+    return pipeline.run(
+        CompressSpec(model=str(model), data=data, **{**SMALL, **kw}), output_dir=out
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "heal_steps"), [("qwen2_moe", 0), ("gpt_oss", 4), ("deepseek_v3", 0)]
+)
+def test_compress_moe_reloads_to_the_reported_perplexity(family, heal_steps, data, tmp_path):
+    source = sharded_moe(tmp_path / "m", family)
+    report = compress(source, data, tmp_path / "o", heal_steps=heal_steps)
+    ppl = report.perplexity
+    assert ppl.validation_reloaded == pytest.approx(ppl.validation_compressed, rel=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert reloaded.config.num_hidden_layers == 4 == report.model.layers_after
+    types = feed_forward_types(AutoModelForCausalLM.from_pretrained(source))
+    kept = [t for i, t in enumerate(types) if i not in report.replaced_layers]
+    assert feed_forward_types(reloaded) == kept
+    if heal_steps:
+        names = report.selection["healing"]["trained_names"]
+        assert any("experts.down_proj" in n for n in names)
+        assert not any("router" in n for n in names), "routers stay frozen"
+
+
+def test_streamed_moe_equals_resident(data, tmp_path):
+    source = sharded_moe(tmp_path / "m", "mixtral")
+    keys = ShardedWeights.open(source).keys()
+    assert any(".experts.0.w2.weight" in k for k in keys), "the hub's per-expert layout"
+    resident = compress(source, data, tmp_path / "r", streaming="off", heal_steps=0)
+    streamed = compress(source, data, tmp_path / "s", streaming="on", heal_steps=0)
+    assert streamed.execution.mode == "streamed"
+    assert streamed.replaced_layers == resident.replaced_layers
+    for a, b in zip(resident.linearity, streamed.linearity, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+    rp, sp = resident.perplexity, streamed.perplexity
+    assert sp.baseline == pytest.approx(rp.baseline, rel=1e-4)
+    assert sp.compressed == pytest.approx(rp.compressed, rel=1e-4)
+    assert sp.validation_reloaded == pytest.approx(sp.validation_compressed, rel=1e-5)
+
+
+def test_a_quantized_source_is_refused_naming_its_quantization(data, tmp_path):
+    source = save_tiny_model("mixtral", tmp_path / "m")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="quant_method='fp8'"):
+        compress(source, data, tmp_path / "o")
