@@ -63,7 +63,19 @@ def _discover(config: Any):
         attn_out=attn_out or "",
         weight_layout=layout,
         per_layer_config_keys=per_layer_keys(config, int(getattr(config, count_key))),
+        mlp_output_scale=mlp_output_scale,
     )
+
+
+def mlp_output_scale(config: Any) -> float:
+    """The factor between the MLP output projection's output and what reaches the residual
+    stream, from the config fields that say it: granite's residual_multiplier, falcon_h1's
+    mlp_multipliers (gate, down). The fold check proves it on every config."""
+    scale = float(getattr(config, "residual_multiplier", None) or 1.0)
+    multipliers = getattr(config, "mlp_multipliers", None)
+    if isinstance(multipliers, (list, tuple)) and len(multipliers) == 2:
+        scale *= float(multipliers[1])
+    return scale
 
 
 def num_layers_key(config: Any) -> str:

@@ -4,7 +4,8 @@ Known families and discovered ones (linearize.discovery) alike: a tiny random mo
 config (three layers, small widths) is built, and
 - fold: the map T, c folded into layer 0's MLP output projection (surgery.fold_and_remove, the
   path a compression takes, removing layer 1) must turn the layer's output y into
-  y - M + M T + c, where M is the MLP output of the unfolded layer, to float32 tolerance;
+  y - M + M T + c, where M is what the unfolded layer adds to the residual stream from its MLP
+  (the projection's output times the architecture's mlp_output_scale), to float32 tolerance;
 - removal: the copy with a layer removed and the rest renumbered must save_pretrained and load
   back with the auto class, with the same layer count, per-layer config lists and logits.
 A fold that fails refuses the standard format (FoldError); a removal that fails refuses the
@@ -118,6 +119,7 @@ def _run_checks(config: Any) -> SurgeryCheck:
 def tiny_model(config: Any):
     """A float32 random model of the config with CHECK_LAYERS layers and, where the config
     takes them, small widths."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from linearize.discovery import shrunk_config
@@ -131,7 +133,10 @@ def tiny_model(config: Any):
         if hasattr(narrow, key):
             setattr(narrow, key, value)
     try:
-        return AutoModelForCausalLM.from_config(narrow, dtype="float32").eval()
+        model = AutoModelForCausalLM.from_config(narrow, dtype="float32").eval()
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+        return model
     except Exception:  # noqa: BLE001 - this family's other fields tie its widths together
         log.debug("the tiny widths do not fit %s; the check keeps the config's", config.model_type)
         return AutoModelForCausalLM.from_config(small, dtype="float32").eval()
@@ -147,23 +152,25 @@ def _check_fold(model, ids):
     arch = get_architecture(model)
     d = hidden_size(model)
     layer = decoder_layers(model)[0]
-    projection = layer.get_submodule(arch.mlp_out)
-    y, m = _layer_output(model, layer, projection, ids)
+    kind = arch.kind_of(layer)  # dense MLP or mixture of experts (linearize.kinds)
+    y, m = _layer_output(model, layer, kind.output_module(layer), ids)
     t = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, dtype=torch.float64)
-    has_bias = getattr(projection, "bias", None) is not None
-    c = 0.1 * torch.randn(d, dtype=torch.float64) if has_bias else None
+    carriers = kind.carriers(layer, model.config)
+    takes_bias = any(c.takes_intercept and c.bias is not None for c in carriers)
+    c = 0.1 * torch.randn(d, dtype=torch.float64) if takes_bias else None
     folded = copy.deepcopy(model)
     try:
         fold_and_remove(folded, {(1, 1): OutputFold(mlp=AffineMap(t, c))})
     except FoldError as err:
         return str(err).split("; use ")[0], None
+    m = m * arch.mlp_output_scale(model.config)  # what reaches the residual stream
     expected = y - m + AffineMap(t, c).apply(m.double()).to(m)
     got, _ = _layer_output(folded, decoder_layers(folded)[0], None, ids)
     scale = float(expected.abs().max()) or 1.0
     error = float((got - expected).abs().max()) / scale
     if error > TOLERANCE:
         return (
-            f"a map folded into {arch.mlp_out} does not reproduce the map on the MLP output "
+            f"a map folded into {', '.join(c.name for c in carriers)} does not reproduce the map on the MLP output "
             f"(relative error {error:.2g} on a random input; the layer changes the MLP output "
             "after that projection)"
         ), None

@@ -66,19 +66,17 @@ def _documented_standard() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "family, overrides, exact",
-    [
-        ("granite", dict(residual_multiplier=1.0), True),
-        ("granite", dict(residual_multiplier=0.5), False),
-        ("falcon_h1", dict(mlp_multipliers=[1.0, 0.5]), False),
-    ],
+    "family, overrides",
+    [("granite", dict(residual_multiplier=0.5)), ("falcon_h1", dict(mlp_multipliers=[1.0, 0.5]))],
 )
-def test_check_surgery_scaled_mlp_output_refuses_the_fold(family, overrides, exact):
+def test_check_surgery_scaled_mlp_output_still_folds_exactly(family, overrides):
     # granite adds residual_multiplier * MLP output, falcon_h1 scales down_proj's output by
-    # mlp_multipliers[1]: the fitted map acts on the unscaled output, so only a scale of 1 folds.
-    result = check_surgery(build_family_config(family, **overrides))
-    assert (result.fold is None) == exact
-    assert result.removal is None
+    # mlp_multipliers[1]: the fit sees the scaled output, and a map without intercept commutes
+    # with the scale, so the fold into down_proj stays exact.
+    config = build_family_config(family, **overrides)
+    assert get_architecture(config).mlp_output_scale(config) == 0.5
+    result = check_surgery(config)
+    assert result.fold is None and result.removal is None
 
 
 def test_trim_renumbers_layer_index_lists_and_keeps_per_layer_lists():
