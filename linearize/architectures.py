@@ -20,7 +20,7 @@ __all__ = ["Architecture", "LayerKind", "WeightLayout", "get_architecture"]
 
 # A pattern trimmer rewrites the config fields that describe which layer is of which kind, given
 # the positions (in the old numbering) of the layers that stay; it runs before the layer count
-# changes, so `old_count` layers are described on entry.
+# changes, so on entry the config still describes the old layers.
 PatternTrimmer = Callable[[Any, list[int]], None]
 
 
@@ -216,9 +216,8 @@ _MOE_ENTRIES = (
     _moe(
         "deepseek_v3",
         (
-            MixtureOfExperts(
-                "mlp", shared=("shared_experts.down_proj",), gates_sum_to_one=_norm_topk
-            ),
+            # Gates sum to routed_scaling_factor (2.5 in the release), not 1; no biases anyway.
+            MixtureOfExperts("mlp", shared=("shared_experts.down_proj",)),
         ),
         pattern_trimmers=(_trim_first_k_dense,),
     ),
@@ -239,6 +238,7 @@ _MOE_ENTRIES = (
         "granitemoe",
         mlp_out="block_sparse_moe",
         layer_kinds=(
+            # A softmax over the top-k logits: the gates sum to 1.
             MixtureOfExperts("block_sparse_moe", routers=("router",), gates_sum_to_one=always),
         ),
         mlp_output_scale=lambda config: float(getattr(config, "residual_multiplier", 1.0)),

@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import ARCHITECTURES as TINY_ARCHITECTURES
-from tiny_models import build_tiny_config, build_tiny_model
+from tiny_models import ARCHITECTURES as DENSE_ARCHITECTURES
+from tiny_models import MOE_ARCHITECTURES, build_tiny_config, build_tiny_model
 
 from linearize.architectures import (
     ARCHITECTURES,
@@ -14,6 +14,8 @@ from linearize.architectures import (
     num_layers,
 )
 from linearize.errors import UnsupportedArchitectureError
+
+TINY_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 
 
 def test_registry_covers_every_tiny_architecture():

@@ -66,7 +66,7 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
 }
 
-ARCHITECTURES = sorted(TINY_CONFIGS)
+ARCHITECTURES = sorted(TINY_CONFIGS)  # before the MoE families below join TINY_CONFIGS
 
 
 def build_tiny_config(arch: str, **overrides):
@@ -159,6 +159,7 @@ TINY_MOE_CONFIGS: dict[str, dict] = {
         attention_chunk_size=64,
     ),
 }
+# ARCHITECTURES (the dense families) parametrise the generic surgery and checkpoint tests;
+# tests/test_moe.py covers these with MOE_ARCHITECTURES.
 TINY_CONFIGS.update(TINY_MOE_CONFIGS)
 MOE_ARCHITECTURES = sorted(TINY_MOE_CONFIGS)
-ARCHITECTURES = sorted(TINY_CONFIGS)

@@ -38,6 +38,7 @@ def model_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("models")
     save_tiny_model("llama", root / "tiny-llama")
+    save_tiny_model("qwen3_moe", root / "tiny-qwen3-moe")  # experts stored one tensor each
     return root
 
 
