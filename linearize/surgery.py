@@ -174,6 +174,7 @@ def replace_with_linear(model: nn.Module, spans: dict[Span, AffineMap]) -> nn.Mo
         new_origins[start] = [layout["origins"][start][0], layout["origins"][end][1]]
     removed = {pos for start, end in spans for pos in range(start + 1, end + 1)}
     _rebuild(model, arch, layout, removed, replacements, new_origins)
+    _match_layer_outputs(model)
     logger.info("replaced %d span(s) by linear blocks: %s", len(spans), sorted(spans))
     return model
 
@@ -314,6 +315,7 @@ def install_linear_blocks(model: nn.Module, linear_blocks: list[dict]) -> nn.Mod
         )
         _carry_layer_attributes(old, block)
         layers[position] = block
+    _match_layer_outputs(model)
     return model
 
 
@@ -521,19 +523,26 @@ def _carry_layer_attributes(old: nn.Module, new: nn.Module) -> None:
     for name in _LAYER_ATTRIBUTES:
         if hasattr(old, name) and not isinstance(getattr(old, name), nn.Module):
             setattr(new, name, getattr(old, name))
-    if returns_tuple(old):
-        new.tuple_output = True
 
 
-def returns_tuple(layer: nn.Module) -> bool:
-    """Whether the layer's forward returns a tuple (falcon_h1), which its model unpacks with
-    [0]: a module in its place must do the same. Read from the forward's annotation."""
+def unpacks_layer_outputs(model: nn.Module) -> bool:
+    """Whether the model's layer loop reads each decoder layer's output as a tuple
+    (`hidden_states = layer_outputs[0]`, falcon_h1), so that a module standing in for a layer
+    must return one. Read from the loop's source: layers' annotations are not reliable."""
     import inspect
 
-    if getattr(layer, "tuple_output", False):
-        return True
-    annotation = inspect.signature(type(layer).forward).return_annotation
-    return str(annotation).startswith(("tuple", "typing.Tuple")) or annotation is tuple
+    try:
+        source = inspect.getsource(type(model.base_model).forward)
+    except (OSError, TypeError):
+        return False
+    return "= layer_outputs[0]" in source
+
+
+def _match_layer_outputs(model: nn.Module) -> None:
+    unpacks = unpacks_layer_outputs(model)
+    for layer in decoder_layers(model):
+        if isinstance(layer, LinearBlock):
+            layer.tuple_output = unpacks
 
 
 def _first_parameter(*modules: nn.Module) -> Tensor | None:
