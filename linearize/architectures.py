@@ -289,15 +289,27 @@ def _config_of(model_or_config: Any) -> Any:
 
 
 def get_architecture(model_or_config: Any) -> Architecture:
-    """The registry entry for a model or its config; raises UnsupportedArchitectureError."""
-    model_type = getattr(_config_of(model_or_config), "model_type", None)
-    try:
+    """The registry entry for a model or its config, else the layout discovered from the model
+    class (linearize.discovery; linearize.foldcheck proves it before a compression); raises
+    UnsupportedArchitectureError."""
+    config = _config_of(model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitectureError(
-            f"model type {model_type!r} is not supported; supported model types: {supported}"
-        ) from None
+    supported = ", ".join(sorted(ARCHITECTURES))
+    if hasattr(config, "to_json_string"):
+        from linearize.discovery import discover_architecture
+
+        try:
+            return discover_architecture(config)
+        except UnsupportedArchitectureError as err:
+            raise UnsupportedArchitectureError(
+                f"model type {model_type!r} is not supported: {err}; supported model types: "
+                f"{supported}, and Llama-like families whose layout is found and proven"
+            ) from None
+    raise UnsupportedArchitectureError(
+        f"model type {model_type!r} is not supported; supported model types: {supported}"
+    )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -192,6 +192,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.architectures import num_layers
     from linearize.auto import choose_method
     from linearize.behaviour import Behaviour
+    from linearize.foldcheck import require_surgery
     from linearize.resume import open_resume
 
     spec = job.spec
@@ -202,6 +203,8 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     info_before = model_info(loaded)
     n_layers = num_layers(stack.model)
     _check_budget_early(spec, n_layers)
+    with job.timed("surgery_check"):  # the family's fold and removal, proven on a tiny copy
+        require_surgery(stack.model.config, fold=spec.format == "standard" and not removes(spec))
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
     texts, replayed = outside_texts(job, stack, tokenizer, windows)

@@ -194,12 +194,15 @@ class LayerStack:
 
     @contextlib.contextmanager
     def _catchers(self, recorder: _CallRecorder):
+        from linearize.surgery import unpacks_layer_outputs
+
         arch = get_architecture(self.model)
         parent_path, _, attr = arch.layers_path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         layers = getattr(parent, attr)
+        unpacks = unpacks_layer_outputs(self.model)
         stand_ins = nn.ModuleList(
-            _Catcher(i, recorder, layer) for i, layer in enumerate(list(layers))
+            _Catcher(i, recorder, layer, unpacks) for i, layer in enumerate(list(layers))
         )
         setattr(parent, attr, stand_ins)
         try:
@@ -308,20 +311,23 @@ class _CallRecorder:
 class _Catcher(nn.Module):
     """Stands in for decoder layer `position`: records its call, passes the hidden states on."""
 
-    def __init__(self, position: int, recorder: _CallRecorder, layer: nn.Module):
+    def __init__(
+        self, position: int, recorder: _CallRecorder, layer: nn.Module, tuple_output: bool
+    ):
         super().__init__()
         self.position, self.recorder = position, recorder
         for name in _LAYER_ATTRIBUTES:
             if hasattr(layer, name):
                 setattr(self, name, getattr(layer, name))
+        self.tuple_output = tuple_output  # the model unpacks the layer's output with [0]
 
     def forward(self, hidden_states, *args, **kwargs):
         self.recorder.calls[self.position] = (args, kwargs)
         if self.position == 0:
             self.recorder.first_input = hidden_states
             if self.recorder.inject is not None:
-                return self.recorder.inject.to(hidden_states.dtype)
-        return hidden_states
+                hidden_states = self.recorder.inject.to(hidden_states.dtype)
+        return (hidden_states,) if self.tuple_output else hidden_states
 
 
 # --- streamed weights ---------------------------------------------------------------------------

@@ -123,7 +123,8 @@ class LinearBlock(nn.Module):
         cache = _find_cache(args, kwargs)
         if cache is not None:
             _advance_cache_slot(cache, self.layer_idx, hidden_states)
-        return self.linear(hidden_states)
+        out = self.linear(hidden_states)
+        return (out,) if getattr(self, "tuple_output", False) else out
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}"
@@ -174,6 +175,7 @@ def replace_with_linear(model: nn.Module, spans: dict[Span, AffineMap]) -> nn.Mo
         new_origins[start] = [layout["origins"][start][0], layout["origins"][end][1]]
     removed = {pos for start, end in spans for pos in range(start + 1, end + 1)}
     _rebuild(model, arch, layout, removed, replacements, new_origins)
+    _match_layer_outputs(model)
     logger.info("replaced %d span(s) by linear blocks: %s", len(spans), sorted(spans))
     return model
 
@@ -314,6 +316,7 @@ def install_linear_blocks(model: nn.Module, linear_blocks: list[dict]) -> nn.Mod
         )
         _carry_layer_attributes(old, block)
         layers[position] = block
+    _match_layer_outputs(model)
     return model
 
 
@@ -475,19 +478,30 @@ def _set_layers(model: nn.Module, arch: Architecture, layers: nn.ModuleList) -> 
 
 
 def _trim_config(config: Any, arch: Architecture, kept: list[int]) -> None:
-    old_count = int(getattr(config, arch.num_layers_key))
-    for key in arch.per_layer_config_keys:
+    for trim_pattern in arch.pattern_trimmers:
+        trim_pattern(config, kept)
+    trim_layer_config(config, arch.num_layers_key, arch.per_layer_config_keys, kept)
+
+
+def trim_layer_config(config: Any, count_key: str, keys: Iterable[str], kept: list[int]) -> None:
+    """Keep the layers at positions `kept` in the config: per-layer lists keep their entries,
+    lists of layer indices (LAYER_INDEX_KEYS, e.g. lfm2's full_attn_idxs) are renumbered."""
+    from linearize.discovery import LAYER_INDEX_KEYS
+
+    old_count = int(getattr(config, count_key))
+    for key in keys:
         values = getattr(config, key, None)
         if values is None:
+            continue
+        if key in LAYER_INDEX_KEYS:
+            setattr(config, key, [new for new, old in enumerate(kept) if old in set(values)])
             continue
         if len(values) != old_count:
             raise UnsupportedArchitectureError(
                 f"config.{key} has {len(values)} entries for {old_count} layers"
             )
         setattr(config, key, [values[pos] for pos in kept])
-    for trim_pattern in arch.pattern_trimmers:
-        trim_pattern(config, kept)
-    setattr(config, arch.num_layers_key, len(kept))
+    setattr(config, count_key, len(kept))
 
 
 def _renumber_layer_indices(layers: list[nn.Module]) -> None:
@@ -510,6 +524,26 @@ def _carry_layer_attributes(old: nn.Module, new: nn.Module) -> None:
     for name in _LAYER_ATTRIBUTES:
         if hasattr(old, name) and not isinstance(getattr(old, name), nn.Module):
             setattr(new, name, getattr(old, name))
+
+
+def unpacks_layer_outputs(model: nn.Module) -> bool:
+    """Whether the model's layer loop reads each decoder layer's output as a tuple
+    (`hidden_states = layer_outputs[0]`, falcon_h1), so that a module standing in for a layer
+    must return one. Read from the loop's source: layers' annotations are not reliable."""
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model.base_model).forward)
+    except (OSError, TypeError):
+        return False
+    return "= layer_outputs[0]" in source
+
+
+def _match_layer_outputs(model: nn.Module) -> None:
+    unpacks = unpacks_layer_outputs(model)
+    for layer in decoder_layers(model):
+        if isinstance(layer, LinearBlock):
+            layer.tuple_output = unpacks
 
 
 def _first_parameter(*modules: nn.Module) -> Tensor | None:
