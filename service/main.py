@@ -10,6 +10,7 @@ from importlib import metadata
 from fastapi import FastAPI
 
 from infra.db import init_schema, make_engine
+from infra.migrate import SchemaMismatch
 from infra.objectstore import ArtifactStoreError, artifact_store
 from infra.settings import Settings, get_settings
 from infra.store import Store
@@ -69,7 +70,13 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     async def lifespan(app: FastAPI):
         config = settings or get_settings()
         engine = make_engine(config.resolved_database_url)
-        init_schema(engine)
+        try:
+            init_schema(engine)
+        except SchemaMismatch as exc:
+            # Never serve on a store of another schema: writes could lose or corrupt history.
+            log.critical("API not started: %s", exc)
+            engine.dispose()
+            raise
         artifacts = artifact_store(config)
         try:
             artifacts.check()

@@ -65,6 +65,22 @@ def _check_artifact_store(**_kwargs) -> None:
         raise SystemExit(2) from None
 
 
+@signals.worker_init.connect
+def _check_schema(**_kwargs) -> None:
+    """Refuse to start on a job store of another schema revision, naming the upgrade command."""
+    from infra.db import init_schema, make_engine
+    from infra.migrate import SchemaMismatch
+
+    engine = make_engine(get_settings().resolved_database_url)
+    try:
+        init_schema(engine)
+    except SchemaMismatch as exc:
+        log.critical("worker not started: %s", exc)
+        raise SystemExit(2) from None
+    finally:
+        engine.dispose()
+
+
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_kwargs) -> None:
     global _heartbeat
