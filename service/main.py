@@ -18,6 +18,7 @@ from service.auth import key_hashes
 from service.broker import Broker, Reconciler
 from service.deps import AppState
 from service.metrics import make_registry
+from service.outbox import WebhookDispatcher
 from service.routers import datasets, health, jobs, ui
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,14 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         app.state.linearize = state
         app.state.metrics_registry, app.state.http_latency = make_registry(state)
         reconciler = Reconciler(config, store, broker, artifacts)
+        dispatcher = WebhookDispatcher(config, store)
         if reconcile:
             reconciler.start()
+            dispatcher.start()
         try:
             yield
         finally:
+            dispatcher.stop()
             reconciler.stop()
             broker.close()
             engine.dispose()
