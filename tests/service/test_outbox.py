@@ -10,13 +10,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from stack_helpers import Stack, free_port, stack_env, tiny_spec, wait_until
-from test_reliability import HEAVY, _wait_progress
+from test_reliability import _wait_progress
 
 from api_schemas import CompressSpec, DataSpec
 from infra.db import OutboxRow, init_schema, make_engine, utcnow
 from infra.settings import Settings
 from infra.store import Store
 from infra.webhooks import dispatch_due
+
+# Long enough (seconds) that the broker can be killed while it runs.
+MEDIUM = {"calib_tokens": 8192, "eval_tokens": 8192, "seq_len": 64}
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -134,7 +137,7 @@ def test_webhook_is_delivered_when_the_broker_is_down_at_finish(
         stack.start_worker()
         with stack.client() as client:
             dataset = client.upload_dataset(text_file).id
-            job = client.submit(tiny_spec(dataset, webhook_url=receiver, **HEAVY))
+            job = client.submit(tiny_spec(dataset, webhook_url=receiver, **MEDIUM))
             _wait_progress(stack, job.id)
             private_redis.kill()  # the broker is gone before the job finishes
             final = stack.wait_terminal(job.id, timeout=240)
