@@ -734,8 +734,19 @@ class Store:
 
     # Workers and metrics ---------------------------------------------------------------------
 
-    def heartbeat_worker(self, name: str, queues: str, hostname: str, pid: int) -> None:
+    def heartbeat_worker(
+        self, name: str, queues: str, hostname: str, pid: int, capacity: Any = None
+    ) -> None:
+        """Liveness, and the capacity (infra.capacity.Capacity) the submit checks read."""
         now = utcnow()
+        sizes: dict[str, Any] = {}
+        if capacity is not None:
+            sizes = dict(
+                memory_bytes=capacity.memory_bytes,
+                scratch_free_bytes=capacity.scratch_free_bytes,
+                device=capacity.device,
+                device_memory_bytes=capacity.device_memory_bytes,
+            )
         with self.session() as s:
             row = s.get(WorkerRow, name)
             if row is None:
@@ -747,12 +758,15 @@ class Store:
                         pid=pid,
                         started_at=now,
                         last_seen=now,
+                        **sizes,
                     )
                 )
             else:
                 row.last_seen = now
                 row.pid = pid
                 row.queues = queues
+                for key, value in sizes.items():
+                    setattr(row, key, value)
             try:
                 s.commit()
             except IntegrityError:

@@ -33,13 +33,15 @@ class _Heartbeat:
         self.thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
     def _loop(self) -> None:
+        from infra.capacity import measure_capacity
         from worker.runner import worker_store
 
         settings = get_settings()
         while True:
             try:
+                capacity = measure_capacity(settings.resolved_scratch_dir)
                 worker_store().heartbeat_worker(
-                    self.name, self.queues, socket.gethostname(), os.getpid()
+                    self.name, self.queues, socket.gethostname(), os.getpid(), capacity
                 )
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
