@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from stack_helpers import tiny_spec
-from test_api import AUTH, make_settings, messages
+from test_api import AUTH, api, messages  # noqa: F401 (api: the app fixture)
 
 from api_schemas import AnalyzeSpec, CompressSpec, DataSpec
 from infra.capacity import Capacity, JobNeeds, estimate_needs, measure_capacity
-from service.main import create_app
 
 DATA = DataSpec(dataset_id="ds_x")
 
@@ -58,16 +56,8 @@ def _tiny_weights(model_root: Path) -> int:
     return sum(p.stat().st_size for p in (model_root / "tiny-llama").glob("*.safetensors"))
 
 
-@pytest.fixture
-def api(tmp_path, model_root, shared_redis):
-    with TestClient(
-        create_app(make_settings(tmp_path, model_root, shared_redis), reconcile=False)
-    ) as client:
-        yield client
-
-
-def _register(api, *, memory: int, disk: int) -> None:
-    store = api.app.state.linearize.store
+def _register(client, *, memory: int, disk: int) -> None:
+    store = client.app.state.linearize.store
     store.heartbeat_worker("w@h", "q", "h", 1, Capacity(memory, disk, "cpu", None))
 
 
@@ -76,7 +66,7 @@ def _gb(n: int) -> str:
 
 
 @pytest.mark.parametrize("resource", ["memory", "disk"])
-def test_submit_is_refused_when_no_worker_can_hold_the_job(api, model_root, resource):
+def test_submit_is_refused_when_no_worker_can_hold_the_job(api, model_root, resource):  # noqa: F811
     dataset = api.post("/v1/datasets", content=b"text " * 200, headers=AUTH["alpha"]).json()["id"]
     body = tiny_spec(dataset)
     needs = estimate_needs(CompressSpec.model_validate(body), model_root / "tiny-llama")
