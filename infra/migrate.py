@@ -12,24 +12,26 @@ refused with the command that upgrades it (or, when it is ahead, the advice to u
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 log = logging.getLogger(__name__)
 
 FIRST_REVISION = "0001"
 UPGRADE_COMMAND = "linearize db upgrade (or: python -m infra.migrate upgrade)"
 _MIGRATIONS = Path(__file__).with_name("migrations")
+_LOCK_KEY = 0x6C696E65  # the PostgreSQL advisory lock of migrations ("line")
 
 
 class SchemaMismatch(RuntimeError):
@@ -49,19 +51,56 @@ def head_revision() -> str:
     return head
 
 
+def _pre_migration(connection: Connection) -> bool:
+    """Tables of the release before migrations, and no version table. (A version table without
+    a row is another process creating the store right now: that store counts as empty.)"""
+    found = inspect(connection)
+    return found.has_table("jobs") and not found.has_table("alembic_version")
+
+
 def current_revision(connection: Connection) -> str | None:
     """The stamped revision; FIRST_REVISION for a pre-migration store; None when empty."""
     revision = MigrationContext.configure(connection).get_current_revision()
-    if revision is None and inspect(connection).has_table("jobs"):
+    if revision is None and _pre_migration(connection):
         return FIRST_REVISION
     return revision
 
 
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time migrates or checks: the API and the workers may start together on
+    an empty store, and SQLite commits each DDL statement on its own."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+                connection.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database to `revision` (stamping a pre-migration store as the first one)."""
+    with _migration_lock(engine):
+        _upgrade(engine, revision)
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
     with engine.begin() as connection:
-        stamped = MigrationContext.configure(connection).get_current_revision()
-        if stamped is None and inspect(connection).has_table("jobs"):
+        if _pre_migration(connection):
             command.stamp(_config(connection), FIRST_REVISION)
         command.upgrade(_config(connection), revision)
 
@@ -93,21 +132,12 @@ def _is_known(revision: str) -> bool:
 
 def prepare_schema(engine: Engine) -> None:
     """At process start: an empty database is created at head; any other must be at head."""
-    for attempt in range(5):
+    with _migration_lock(engine):
         with engine.connect() as connection:
             empty = current_revision(connection) is None
-        if not empty:
-            break
-        try:
-            upgrade(engine)
-            break
-        except (IntegrityError, ProgrammingError, OperationalError) as exc:
-            # The API and the worker start together and may race on the first CREATE TABLE.
-            if attempt == 4:
-                raise
-            log.info("schema creation raced (%s); retrying", type(exc).__name__)
-            time.sleep(0.2 * (attempt + 1))
-    check_schema(engine)
+        if empty:
+            _upgrade(engine, "head")
+        check_schema(engine)
 
 
 def main(argv: list[str] | None = None) -> int:

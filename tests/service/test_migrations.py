@@ -193,3 +193,30 @@ def test_linearize_db_upgrade_migrates_without_torch(tmp_path):
     with engine.connect() as conn:
         assert current_revision(conn) == head_revision()
     engine.dispose()
+
+
+def test_processes_starting_together_on_an_empty_store_all_start(database_url):
+    """The API and the workers may create the store at once; the migration lock serializes."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        engine = make_engine(database_url)
+        try:
+            init_schema(engine)
+        except BaseException as exc:  # collected: the assertion below names it
+            errors.append(exc)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    engine.dispose()
