@@ -1,17 +1,17 @@
 """The job store schema (SQLAlchemy 2.0 typed models) and engine setup.
 
 SQLite is the embedded default (WAL + busy timeout so the API threads and the worker processes
-can write at once); PostgreSQL in compose. The schema is created on start and carries a version.
+can write at once); PostgreSQL in compose. The schema is versioned by Alembic (infra/migrations):
+every change to these models ships a revision there, and infra.migrate checks it at start.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -23,15 +23,9 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    select,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-
-log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
@@ -125,9 +119,36 @@ class WorkerRow(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime)
     last_seen: Mapped[datetime] = mapped_column(DateTime)
+    # Capacity, published with each heartbeat; the API refuses jobs no live worker can hold.
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    scratch_free_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    device_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class OutboxRow(Base):
+    """A webhook to deliver, written in the transaction that writes the job's final state."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        Index("ix_webhook_outbox_pending", "delivered_at", "given_up_at", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_status: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    given_up_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class SchemaVersionRow(Base):
+    """The version table of the first release; Alembic's alembic_version replaced it."""
+
     __tablename__ = "schema_version"
 
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -157,28 +178,7 @@ def make_engine(url: str) -> Engine:
 
 
 def init_schema(engine: Engine) -> None:
-    """Create missing tables and record the version; refuse a database from a newer release."""
-    for attempt in range(5):
-        try:
-            Base.metadata.create_all(engine)
-            break
-        except (IntegrityError, ProgrammingError, OperationalError) as exc:
-            # The API and the worker start together and may race on CREATE TABLE.
-            if attempt == 4:
-                raise
-            log.info("schema creation raced (%s); retrying", type(exc).__name__)
-            time.sleep(0.2 * (attempt + 1))
-    Session = sessionmaker(engine)
-    with Session() as session:
-        found = session.scalars(select(SchemaVersionRow.version)).all()
-        if found and max(found) > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema version {max(found)} is newer than this release "
-                f"({SCHEMA_VERSION}); upgrade linearize"
-            )
-        if SCHEMA_VERSION not in found:
-            session.add(SchemaVersionRow(version=SCHEMA_VERSION, applied_at=utcnow()))
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
+    """Create an empty store at the current revision; refuse one that is behind or ahead."""
+    from infra.migrate import prepare_schema
+
+    prepare_schema(engine)

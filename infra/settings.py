@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     artifact_retention_days: float = Field(7.0, gt=0)
     dataset_retention_days: float = Field(30.0, gt=0)
     public_base_url: str = Field("", description="Prefix for job urls; empty: relative urls.")
+    metrics_key: str = Field(
+        "", description="Bearer key Prometheus scrapes /metrics with; empty: /metrics answers 401."
+    )
+    webhook_dispatch_interval_s: float = Field(
+        1.0, gt=0, description="How often the outbox dispatcher looks for webhooks to deliver."
+    )
 
     @field_validator("model_roots", "webhook_allowed_hosts", "model_urls", mode="before")
     @classmethod

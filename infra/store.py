@@ -36,7 +36,7 @@ from api_schemas.jobs import (
     JobUrls,
 )
 from api_schemas.specs import JobSpec
-from infra.db import DatasetRow, EventRow, JobRow, WorkerRow, utcnow
+from infra.db import DatasetRow, EventRow, JobRow, OutboxRow, WorkerRow, utcnow
 
 SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
 
@@ -157,6 +157,15 @@ def dataset_to_schema(row: DatasetRow) -> Dataset:
         filename=row.filename,
         created_at=_aware(row.created_at),
     )
+
+
+def _add_webhook(s: Session, job_id: str, status: str, now: datetime) -> None:
+    """The job's webhook, in the transaction that writes its final state: it cannot be lost
+    between the two, whatever the broker does (the outbox dispatcher delivers it)."""
+    url = s.scalar(select(JobRow.webhook_url).where(JobRow.id == job_id))
+    if url:
+        s.add(OutboxRow(job_id=job_id, job_status=status, url=url, created_at=now,
+                        next_attempt_at=now, attempts=0))  # fmt: skip
 
 
 class Store:
@@ -332,6 +341,7 @@ class Store:
                         message="cancelled before start",
                     )
                 )
+                _add_webhook(s, job_id, "cancelled", now)
             else:
                 done = s.execute(
                     update(JobRow)
@@ -481,6 +491,7 @@ class Store:
             s.rollback()
             return False
         s.add(EventRow(job_id=row.id, ts=now, type="status", status=status, message=message))
+        _add_webhook(s, row.id, status, now)
         s.commit()
         return True
 
@@ -571,6 +582,7 @@ class Store:
                 s.rollback()
                 return False
             s.add(EventRow(job_id=job_id, ts=now, type="status", status=status, message=message))
+            _add_webhook(s, job_id, status, now)
             s.commit()
             return True
 
@@ -581,6 +593,68 @@ class Store:
                 values["webhook_delivered_at"] = utcnow()
             s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
             s.commit()
+
+    # Webhook outbox --------------------------------------------------------------------------
+
+    def due_webhooks(self, now: datetime, limit: int = 50) -> list[OutboxRow]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(OutboxRow)
+                    .where(
+                        OutboxRow.delivered_at.is_(None),
+                        OutboxRow.given_up_at.is_(None),
+                        OutboxRow.next_attempt_at <= now,
+                    )
+                    .order_by(OutboxRow.next_attempt_at)
+                    .limit(limit)
+                ).all()
+            )
+
+    def take_webhook(self, entry: OutboxRow, hold_until: datetime) -> bool:
+        """Compare-and-set on the attempt count: one dispatcher of many posts a given attempt."""
+        with self.session() as s:
+            done = s.execute(
+                update(OutboxRow)
+                .where(
+                    OutboxRow.id == entry.id,
+                    OutboxRow.attempts == entry.attempts,
+                    OutboxRow.delivered_at.is_(None),
+                    OutboxRow.given_up_at.is_(None),
+                )
+                .values(attempts=entry.attempts + 1, next_attempt_at=hold_until)
+            ).rowcount
+            s.commit()
+            return bool(done)
+
+    def record_webhook_outcome(
+        self, entry: OutboxRow, *, delivered: bool, error: str | None, retry_at: datetime | None
+    ) -> None:
+        """Delivered, or due again at `retry_at`, or given up when there is no retry left."""
+        now = utcnow()
+        values: dict[str, Any] = {"last_error": error}
+        if delivered:
+            values["delivered_at"] = now
+        elif retry_at is None:
+            values["given_up_at"] = now
+        else:
+            values["next_attempt_at"] = retry_at
+        with self.session() as s:
+            s.execute(update(OutboxRow).where(OutboxRow.id == entry.id).values(**values))
+            s.commit()
+        self.record_webhook_attempt(entry.job_id, delivered)
+
+    def pending_webhooks(self, job_id: str) -> list[OutboxRow]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(OutboxRow).where(
+                        OutboxRow.job_id == job_id,
+                        OutboxRow.delivered_at.is_(None),
+                        OutboxRow.given_up_at.is_(None),
+                    )
+                ).all()
+            )
 
     # Reconciler ----------------------------------------------------------------------------
 
@@ -660,8 +734,19 @@ class Store:
 
     # Workers and metrics ---------------------------------------------------------------------
 
-    def heartbeat_worker(self, name: str, queues: str, hostname: str, pid: int) -> None:
+    def heartbeat_worker(
+        self, name: str, queues: str, hostname: str, pid: int, capacity: Any = None
+    ) -> None:
+        """Liveness, and the capacity (infra.capacity.Capacity) the submit checks read."""
         now = utcnow()
+        sizes: dict[str, Any] = {}
+        if capacity is not None:
+            sizes = dict(
+                memory_bytes=capacity.memory_bytes,
+                scratch_free_bytes=capacity.scratch_free_bytes,
+                device=capacity.device,
+                device_memory_bytes=capacity.device_memory_bytes,
+            )
         with self.session() as s:
             row = s.get(WorkerRow, name)
             if row is None:
@@ -673,12 +758,15 @@ class Store:
                         pid=pid,
                         started_at=now,
                         last_seen=now,
+                        **sizes,
                     )
                 )
             else:
                 row.last_seen = now
                 row.pid = pid
                 row.queues = queues
+                for key, value in sizes.items():
+                    setattr(row, key, value)
             try:
                 s.commit()
             except IntegrityError:

@@ -1,4 +1,4 @@
-"""`linearize analyze|compress|eval|compare|serve|submit`.
+"""`linearize analyze|compress|eval|compare|serve|submit|db`.
 
 Nothing heavy is imported at module level, so `linearize --help` answers without torch.
 Exit codes: 0 ok, 1 quality gate failed (artifacts and report still written), 2 bad input or
@@ -78,11 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="directory for the table and plot")
 
     try:
-        from linearize_client.commands import add_serve_arguments, add_submit_arguments
+        from linearize_client.commands import (
+            add_db_arguments,
+            add_serve_arguments,
+            add_submit_arguments,
+        )
     except ImportError:  # the service extra is not installed
         return parser
     add_serve_arguments(sub.add_parser("serve", help="API + worker on one machine"))
     add_submit_arguments(sub.add_parser("submit", help="run a job on a linearize service"))
+    add_db_arguments(sub.add_parser("db", help="migrate the service's job store"))
     return parser
 
 
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if args.command in ("serve", "submit"):
+    if args.command in ("serve", "submit", "db"):
         from linearize_client import commands
 
         return getattr(commands, f"{args.command}_main")(args)

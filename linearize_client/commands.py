@@ -457,3 +457,29 @@ def serve_main(args: argparse.Namespace) -> int:
             child.wait()
         code = code or (child.returncode if child.returncode and child.returncode > 0 else 0)
     return code
+
+
+# db ----------------------------------------------------------------------------------------
+
+
+def add_db_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "action",
+        choices=["upgrade", "current"],
+        help="upgrade: migrate the job store to this release's schema; current: show revisions",
+    )
+    p.add_argument("--url", help="SQLAlchemy URL (default LINEARIZE_DATABASE_URL or the embedded)")
+    p.add_argument(
+        "--data-dir", type=Path, help="where the embedded SQLite store lies (LINEARIZE_DATA_DIR)"
+    )
+
+
+def db_main(args: argparse.Namespace) -> int:
+    """Runs infra.migrate in a child, as serve runs the API: the client never imports infra."""
+    env = os.environ.copy()
+    if args.data_dir is not None:
+        env["LINEARIZE_DATA_DIR"] = str(args.data_dir.resolve())
+    command = [sys.executable, "-m", "infra.migrate", args.action]
+    if args.url:
+        command += ["--url", args.url]
+    return subprocess.run(command, env=env, check=False).returncode

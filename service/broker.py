@@ -211,12 +211,8 @@ class Reconciler:
                 return
 
     def run_once(self) -> dict[str, int]:
-        cancelled: list[str] = []
-        requeued = self.store.requeue_expired_leases(finished=cancelled)
-        for job_id in cancelled:
-            row = self.store.get_job(job_id)
-            if row is not None and row.webhook_url:
-                self.broker.publish_webhook(job_id)
+        # Jobs it cancels get their webhook through the outbox, written with the status.
+        requeued = self.store.requeue_expired_leases()
         held = self.broker.job_ids_held()
         cutoff = utcnow() - timedelta(seconds=self.settings.requeue_grace_s)
         published = 0

@@ -54,6 +54,14 @@ async def get_tenant(
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
+async def bearer_token(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str | None:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        return None
+    return credentials.credentials
+
+
 def unprocessable(field: str | list[str], message: str) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors, so clients parse one format."""
     loc = ["body", *([field] if isinstance(field, str) else field)]

@@ -10,6 +10,7 @@ from importlib import metadata
 from fastapi import FastAPI
 
 from infra.db import init_schema, make_engine
+from infra.migrate import SchemaMismatch
 from infra.objectstore import ArtifactStoreError, artifact_store
 from infra.settings import Settings, get_settings
 from infra.store import Store
@@ -17,6 +18,7 @@ from service.auth import key_hashes
 from service.broker import Broker, Reconciler
 from service.deps import AppState
 from service.metrics import make_registry
+from service.outbox import WebhookDispatcher
 from service.routers import datasets, health, jobs, ui
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,13 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
     async def lifespan(app: FastAPI):
         config = settings or get_settings()
         engine = make_engine(config.resolved_database_url)
-        init_schema(engine)
+        try:
+            init_schema(engine)
+        except SchemaMismatch as exc:
+            # Never serve on a store of another schema: writes could lose or corrupt history.
+            log.critical("API not started: %s", exc)
+            engine.dispose()
+            raise
         artifacts = artifact_store(config)
         try:
             artifacts.check()
@@ -82,11 +90,14 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
         app.state.linearize = state
         app.state.metrics_registry, app.state.http_latency = make_registry(state)
         reconciler = Reconciler(config, store, broker, artifacts)
+        dispatcher = WebhookDispatcher(config, store)
         if reconcile:
             reconciler.start()
+            dispatcher.start()
         try:
             yield
         finally:
+            dispatcher.stop()
             reconciler.stop()
             broker.close()
             engine.dispose()

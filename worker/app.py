@@ -33,13 +33,15 @@ class _Heartbeat:
         self.thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
     def _loop(self) -> None:
+        from infra.capacity import measure_capacity
         from worker.runner import worker_store
 
         settings = get_settings()
         while True:
             try:
+                capacity = measure_capacity(settings.resolved_scratch_dir)
                 worker_store().heartbeat_worker(
-                    self.name, self.queues, socket.gethostname(), os.getpid()
+                    self.name, self.queues, socket.gethostname(), os.getpid(), capacity
                 )
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -63,6 +65,22 @@ def _check_artifact_store(**_kwargs) -> None:
     except ArtifactStoreError as exc:
         log.critical("artifact store not usable, worker not started: %s", exc)
         raise SystemExit(2) from None
+
+
+@signals.worker_init.connect
+def _check_schema(**_kwargs) -> None:
+    """Refuse to start on a job store of another schema revision, naming the upgrade command."""
+    from infra.db import init_schema, make_engine
+    from infra.migrate import SchemaMismatch
+
+    engine = make_engine(get_settings().resolved_database_url)
+    try:
+        init_schema(engine)
+    except SchemaMismatch as exc:
+        log.critical("worker not started: %s", exc)
+        raise SystemExit(2) from None
+    finally:
+        engine.dispose()
 
 
 @signals.worker_ready.connect

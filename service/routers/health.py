@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from infra.objectstore import ArtifactStoreError
-from service.deps import StateDep
+from service.deps import StateDep, bearer_token
 
 router = APIRouter(tags=["health"])
 
@@ -56,7 +59,30 @@ async def readyz(state: StateDep, response: Response) -> dict[str, object]:
     return {"status": "ready" if ready else "not ready", "checks": checks}
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def require_metrics_key(
+    state: StateDep, token: Annotated[str | None, Depends(bearer_token)]
+) -> None:
+    """Prometheus practice: the scrape carries its own credential (`authorization` in the scrape
+    config). Without LINEARIZE_METRICS_KEY nobody may read the counts."""
+    expected = state.settings.metrics_key
+    if not expected or token is None or not hmac.compare_digest(token, expected):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "/metrics needs `Authorization: Bearer <LINEARIZE_METRICS_KEY>`"
+            + ("" if expected else " (the key is not set on this server)"),
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(require_metrics_key)],
+    responses={
+        200: {"content": {"text/plain": {}}},
+        401: {"description": "Missing or wrong metrics key."},
+    },
+)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics_registry
     body = await run_in_threadpool(generate_latest, registry)

@@ -26,6 +26,7 @@ from api_schemas.jobs import Artifact as ArtifactModel
 from api_schemas.report import Report
 from api_schemas.specs import AnalyzeSpec, CompareSpec, CompressSpec, EvalSpec
 from infra.artifacts import iter_tar
+from infra.capacity import estimate_needs, refusal
 from infra.db import JobRow
 from infra.modelcheck import ModelRejected, budget_problem, resolve_model
 from infra.objectstore import ArtifactStoreError
@@ -84,6 +85,7 @@ def _check_spec(spec: object, tenant: str, state: AppState) -> None:
         problem = budget_problem(spec, source.num_layers, name)
         if problem is not None:
             raise unprocessable(problem[0], problem[1])
+        _check_capacity(spec, source, state)
     url = getattr(spec, "webhook_url", None)
     if url is not None:
         parts = urlsplit(url)
@@ -94,6 +96,19 @@ def _check_spec(spec: object, tenant: str, state: AppState) -> None:
                 "webhook_url",
                 f"webhook host {parts.hostname!r} is not in LINEARIZE_WEBHOOK_ALLOWED_HOSTS",
             )
+
+
+def _check_capacity(spec: object, source, state: AppState) -> None:
+    """Refuse what no registered worker can hold (memory, scratch disk), with the numbers."""
+    if source.path is None:
+        return  # alias, hub or bucket model: its files are not here to be measured
+    needs = estimate_needs(spec, source.path)
+    if needs is None:
+        return
+    workers = state.store.alive_workers(3 * state.settings.worker_heartbeat_s)
+    problem = refusal(needs, workers)
+    if problem is not None:
+        raise unprocessable(problem[0], problem[1])
 
 
 @router.post(

@@ -177,6 +177,7 @@ def stack_env(root: Path, *, broker_url: str, database_url: str, model_root: Pat
         "LINEARIZE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "LINEARIZE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "LINEARIZE_WEBHOOK_RETRY_DELAYS_S": "0.3,0.6,1.2",
+        "LINEARIZE_WEBHOOK_DISPATCH_INTERVAL_S": "0.2",
         "LINEARIZE_TENANT_MAX_QUEUED": "100",
         "LINEARIZE_TENANT_MAX_RUNNING": "4",
         # One intra-op thread: torch's spinning thread pool on a shared 2-core machine turns a

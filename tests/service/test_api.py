@@ -19,6 +19,7 @@ from infra.store import Store
 from service.main import create_app
 
 AUTH = {t: {"Authorization": f"Bearer {k}"} for t, k in KEYS.items()}
+METRICS_KEY = "scrape-key"
 
 
 def make_settings(tmp_path: Path, model_root: Path, broker_url: str, **extra) -> Settings:
@@ -33,6 +34,7 @@ def make_settings(tmp_path: Path, model_root: Path, broker_url: str, **extra) ->
         webhook_queue=f"{queue}.webhooks",
         webhook_allowed_hosts="hooks.example.com",
         max_upload_mb=1,
+        metrics_key=METRICS_KEY,
     )
     values.update(extra)
     return Settings(**values)
@@ -504,8 +506,28 @@ def test_readyz_needs_a_worker_heartbeat(api):
 def test_metrics_expose_jobs_by_status_queue_depth_and_durations(api, dataset):
     submit(api, tiny_spec(dataset))
     api.get("/healthz")
-    text = api.get("/metrics").text
+    text = api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
     assert 'linearize_jobs{status="queued"} 1.0' in text
     assert 'linearize_queue_depth{source="store"} 1.0' in text
     assert "linearize_job_duration_seconds_bucket" in text
     assert 'linearize_http_request_duration_seconds_count{method="GET",route="/healthz"' in text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, AUTH["alpha"], {"Authorization": "Bearer wrong"}],
+    ids=["no-key", "tenant-key", "wrong-key"],
+)
+def test_metrics_without_the_metrics_key_is_401(api, headers):
+    response = api.get("/metrics", headers=headers)
+    assert response.status_code == 401
+    assert "LINEARIZE_METRICS_KEY" in response.json()["detail"]
+    assert "linearize_jobs" not in response.text
+
+
+def test_metrics_is_closed_when_no_key_is_set(tmp_path, model_root, shared_redis):
+    settings = make_settings(tmp_path, model_root, shared_redis, metrics_key="")
+    with TestClient(create_app(settings, reconcile=False)) as client:
+        response = client.get("/metrics", headers={"Authorization": "Bearer "})
+        assert response.status_code == 401
+        assert "not set on this server" in response.json()["detail"]

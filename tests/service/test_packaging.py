@@ -189,6 +189,7 @@ def test_compose_services_commands_and_environment_match_the_code():
         "worker",
         "worker-cpu",
         "webhooks",
+        "migrate",
     } <= set(services)
     defaults = Settings()
     fields = {f"LINEARIZE_{name.upper()}" for name in Settings.model_fields}
@@ -228,9 +229,10 @@ def test_compose_services_commands_and_environment_match_the_code():
         # Nothing shared on disk: only Redis, PostgreSQL and the bucket (any host can run it).
         named = [m.split(":")[0] for m in services[name].get("volumes", []) if ":" in m]
         assert all(source.startswith("./") for source in named), (name, named)
-        assert services[name]["depends_on"]["createbucket"] == {
-            "condition": "service_completed_successfully"
-        }
+        for one_shot in ("createbucket", "migrate"):  # the store is at head before any start
+            assert services[name]["depends_on"][one_shot] == {
+                "condition": "service_completed_successfully"
+            }
         # The settings parse as the containers would see them (limits ordered, etc.).
         Settings(
             **{
@@ -242,6 +244,15 @@ def test_compose_services_commands_and_environment_match_the_code():
 
     for name in ("redis", "postgres", "minio", "api", "worker", "worker-cpu"):
         assert "healthcheck" in services[name], name
+    migrate = services["migrate"]
+    assert migrate["command"] == ["python", "-m", "infra.migrate", "upgrade"]
+    assert migrate["image"] == services["api"]["image"]  # torch-free
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert (
+        migrate["environment"]["LINEARIZE_DATABASE_URL"]
+        == (services["api"]["environment"]["LINEARIZE_DATABASE_URL"])
+    )
     assert "mc mb --ignore-existing local/linearize" in services["createbucket"]["entrypoint"][-1]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
