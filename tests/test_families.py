@@ -99,7 +99,7 @@ def test_trim_renumbers_layer_index_lists_and_keeps_per_layer_lists():
     assert indices and all(position == index for position, index in indices)
 
 
-@pytest.mark.parametrize("family", [*HYBRIDS, "cohere2", "smollm3"])
+@pytest.mark.parametrize("family", [*HYBRIDS, "cohere2"])
 def test_generate_with_cache_after_removal_equals_greedy_without_cache(family):
     model = build_family_model(family)
     remove_layers(model, [1])
@@ -160,17 +160,14 @@ def test_compress_refuses_standard_fold_of_glm4_before_any_pass(data, tmp_path):
 
 
 # (family, format, method, heal steps): standard where the check proves the fold, else the
-# linear format or the removal; each family once without healing and once with a few steps.
+# linear format or the removal; each family once, with or without a few healing steps.
 CASES = [
-    ("olmo2", "linear", "auto", 0),
     ("olmo2", "standard", "remove", 3),
-    ("glm4", "standard", "remove", 0),
+    ("glm4", "linear", "auto", 0),
     ("granite", "standard", "auto", 3),
     ("smollm3", "standard", "auto", 0),
-    ("cohere2", "standard", "auto", 3),
-    ("lfm2", "standard", "auto", 0),
-    ("lfm2", "standard", "remove", 3),
-    ("falcon_h1", "standard", "auto", 3),
+    ("cohere2", "standard", "auto", 0),
+    ("lfm2", "standard", "auto", 3),
     ("falcon_h1", "linear", "auto", 0),
 ]
 
