@@ -268,3 +268,18 @@ def test_generated_windows_continue_their_prompts_to_full_windows(tmp_path):
 )
 def test_heal_text_defaults_to_generated_on_a_gpu_only(value, device, expected):
     assert selfdata.parse_heal_text(value, device, 4096) == expected
+
+
+def test_mixture_rebuilds_offline_from_the_setup_packages_to_the_manifest_hashes(tmp_path):
+    """make setup downloads the packages once; a build from them needs no network and gives
+    the texts whose sha256 the committed manifest holds."""
+    downloaded = Path.home() / ".cache" / "linearize" / "mixture" / "debs"
+    if not any(downloaded.glob("*.deb")):
+        pytest.skip("make setup has not downloaded the mixture's packages on this machine")
+    (tmp_path / "debs").mkdir()
+    for deb in downloaded.glob("*.deb"):
+        (tmp_path / "debs" / deb.name).symlink_to(deb)
+    built = mixture.build(tmp_path)
+    committed = json.loads(mixture.MANIFEST_PATH.read_text())
+    assert mixture.differences(built, committed) == []
+    assert (tmp_path / "heal.txt").stat().st_size == committed["files"]["heal"]["bytes"]
