@@ -115,15 +115,17 @@ def _meta_model(config: Any, count_key: str):
 def shrunk_config(config: Any, *, layers: int) -> Any:
     """A copy of the config with at most `layers` decoder layers, its per-layer lists cut to
     the same layers: the first layer of each kind in `layer_types`, then the first ones."""
+    from linearize.architectures import layer_config
     from linearize.surgery import trim_layer_config
 
     small = copy.deepcopy(config)
-    key = num_layers_key(small)
-    count = int(getattr(small, key))
-    kinds = getattr(small, "layer_types", None) or []
+    text = layer_config(small)  # a multimodal wrapper's layers are described by its text_config
+    key = num_layers_key(text)
+    count = int(getattr(text, key))
+    kinds = getattr(text, "layer_types", None) or []
     kept = sorted({kinds.index(kind) for kind in kinds})[:layers] if len(kinds) == count else []
     kept = sorted({*kept, *[i for i in range(count) if i not in kept][: layers - len(kept)]})
-    trim_layer_config(small, key, per_layer_keys(small, count), kept)
+    trim_layer_config(text, key, per_layer_keys(text, count), kept)
     return small
 
 

@@ -109,7 +109,7 @@ def _run_checks(config: Any) -> SurgeryCheck:
             raise UnsupportedArchitectureError(
                 f"{family}: a tiny model of this config cannot be built ({_one_line(err)})"
             ) from None
-        ids = torch.randint(0, model.config.vocab_size, (1, 12))
+        ids = torch.randint(0, _text_vocab_size(model.config), (1, 12))
         try:
             fold_problem, folded = _check_fold(model, ids)
         except Exception as err:  # noqa: BLE001 - a fold that cannot even run is not exact
@@ -128,26 +128,28 @@ def tiny_model(config: Any):
     """A float32 random model of the config with CHECK_LAYERS layers and, where the config
     takes them, small widths."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from linearize.architectures import layer_config
     from linearize.discovery import shrunk_config
+    from linearize.loading import model_class
 
     small = shrunk_config(config, layers=CHECK_LAYERS)
     for key in ("quantization_config", "linearize"):
         if hasattr(small, key):
             delattr(small, key)
     narrow = copy.deepcopy(small)
-    for key, value in TINY_WIDTHS.items():
-        if hasattr(narrow, key):
-            setattr(narrow, key, value)
+    for key, value in TINY_WIDTHS.items():  # a wrapper's vision tower keeps its own widths
+        if hasattr(layer_config(narrow), key):
+            setattr(layer_config(narrow), key, value)
+    auto_class = model_class(config)  # a multimodal wrapper is checked whole, as it is saved
     try:
-        model = AutoModelForCausalLM.from_config(narrow, dtype="float32").eval()
+        model = auto_class.from_config(narrow, dtype="float32").eval()
         with torch.no_grad():
             model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
         return model
     except Exception:  # noqa: BLE001 - this family's other fields tie its widths together
         log.debug("the tiny widths do not fit %s; the check keeps the config's", config.model_type)
-        return AutoModelForCausalLM.from_config(small, dtype="float32").eval()
+        return auto_class.from_config(small, dtype="float32").eval()
 
 
 def _check_fold(model, ids):
@@ -210,6 +212,12 @@ def _layer_output(model, layer, projection, ids):
     return seen["y"], seen.get("m")
 
 
+def _text_vocab_size(config) -> int:
+    from linearize.architectures import layer_config
+
+    return int(getattr(config, "vocab_size", None) or layer_config(config).vocab_size)
+
+
 def _removed_copy(model):
     from linearize.surgery import remove_layers
 
@@ -219,15 +227,16 @@ def _removed_copy(model):
 def _check_reload(model, ids) -> str | None:
     """None if the model with a layer removed saves, loads back and computes the same logits."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from linearize.architectures import decoder_layers, get_architecture, num_layers
+    from linearize.architectures import decoder_layers, get_architecture, layer_config, num_layers
+    from linearize.loading import model_class
 
     arch = get_architecture(model)
     try:
         with tempfile.TemporaryDirectory(prefix="linearize-foldcheck-") as directory:
             model.save_pretrained(directory)
-            reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype="float32").eval()
+            auto_class = model_class(model.config)
+            reloaded = auto_class.from_pretrained(directory, dtype="float32").eval()
     except Exception as err:  # noqa: BLE001 - any failure here refuses the family
         return f"a copy with a layer removed does not save and load ({_one_line(err)})"
     count = len(decoder_layers(model))
@@ -236,7 +245,7 @@ def _check_reload(model, ids) -> str | None:
             f"a copy with a layer removed reloads with {num_layers(reloaded)} layers, not {count}"
         )
     for key in arch.per_layer_config_keys:
-        if getattr(reloaded.config, key, None) != getattr(model.config, key, None):
+        if getattr(layer_config(reloaded), key, None) != getattr(layer_config(model), key, None):
             return f"config.{key} of a copy with a layer removed does not reload as saved"
     with torch.no_grad():
         before = model(input_ids=ids, use_cache=False).logits
