@@ -181,6 +181,14 @@ class CompressSpec(_JobBase):
         "instead of the calibration text, in [0, 1]; 0 turns replay off; None: the default "
         "share when the mixture is built (linearize.mixture).",
     )
+    map_shrink: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Shrink each fitted map toward the identity: A -> (1 - s) A + s I, "
+        "b -> (1 - s) b. 0 keeps the least-squares map; 1 is the identity, i.e. plain removal "
+        "of the span with the fit's choice of layers.",
+    )
     heal_text: str | None = Field(
         None,
         pattern=r"^(calibration|generated(:[1-9][0-9]*)?)$",
@@ -211,6 +219,8 @@ class CompressSpec(_JobBase):
                 "heal_mix is the share of healing windows drawn from the general mixture, "
                 f"in [0, 1]; got {self.heal_mix}"
             )
+        if self.map_shrink and self.method == "remove":
+            raise ValueError("map_shrink shrinks a fitted map, and method=remove fits none")
         if self.heal_mix and self.heal_steps == 0:
             raise ValueError("heal_mix mixes the healing text, but heal_steps=0 turns healing off")
         for name, path in self.eval_data.items():

@@ -12,7 +12,7 @@ import torch
 
 from linearize.architectures import hidden_size
 from linearize.capture import CenteredStats, PairStats
-from linearize.surgery import AffineMap
+from linearize.surgery import AffineMap, OutputFold
 
 DEFAULT_RIDGE = 1e-4
 
@@ -216,7 +216,6 @@ def projection_has_bias(model, span_start: int) -> bool:
 
 def fit_spans(model, span_stats: dict, *, fmt: str, ridge: float = DEFAULT_RIDGE) -> dict:
     """AffineMap per span (linear) or OutputFold per span (standard)."""
-    from linearize.surgery import OutputFold
 
     maps = {}
     for span, stats in span_stats.items():
@@ -226,3 +225,27 @@ def fit_spans(model, span_stats: dict, *, fmt: str, ridge: float = DEFAULT_RIDGE
             bias = projection_has_bias(model, span[0])
             maps[span] = OutputFold(mlp=fit_affine(stats.centered(), ridge=ridge, bias=bias))
     return maps
+
+
+def shrink_toward_identity(maps: dict, amount: float) -> dict:
+    """Each map moved toward the identity: A -> (1 - s) A + s I, b -> (1 - s) b.
+
+    The least-squares map learns the calibration text's domain; the identity is plain removal
+    of the span (the fold's identity passes the block's MLP output through unchanged), which
+    learns nothing. Between the two, `amount` trades in-domain fit for generality."""
+    from dataclasses import replace
+
+    def shrink(affine: AffineMap | None) -> AffineMap | None:
+        if affine is None:
+            return None
+        weight = affine.weight
+        eye = torch.eye(weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+        bias = None if affine.bias is None else (1 - amount) * affine.bias
+        return AffineMap((1 - amount) * weight + amount * eye, bias)
+
+    return {
+        span: replace(m, mlp=shrink(m.mlp), attn=shrink(m.attn))
+        if isinstance(m, OutputFold)
+        else shrink(m)
+        for span, m in maps.items()
+    }

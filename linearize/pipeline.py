@@ -586,6 +586,11 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None, 
                 teacher_end=end,
                 stage=st,
             )
+    if maps is not None and spec.map_shrink:
+        from linearize.fitting import shrink_toward_identity
+
+        maps = shrink_toward_identity(maps, spec.map_shrink)
+        job.notes.append(f"each fitted map shrunk toward the identity by {spec.map_shrink:g}")
     with job.timed("surgery"), job.progress.stage("surgery", total=1):
         carriers = apply_maps(stack, spans, maps, fmt)
     if teacher is None:

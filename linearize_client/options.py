@@ -22,6 +22,7 @@ PLAIN_FIELDS = (
     "heal_seconds",
     "heal_tokens",
     "heal_mix",
+    "map_shrink",
     "heal_loss",
     "heal_text",
     "gate_kl",
@@ -55,7 +56,9 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
         choices=["auto", "fit", "remove"],
         help="fit: replace the best-fitting window of layers by its least-squares map; remove: "
         "drop the layers that change their input least, no map, and heal (better on text "
-        "unlike the calibration text); default auto (= fit)",
+        "unlike the calibration text); default auto: both tried unhealed, the one with the "
+        "lower perplexity on held-out general text kept (the fit when the job streams or the "
+        "mixture is not built)",
     )
     p.add_argument(
         "--heal-steps",
@@ -80,6 +83,13 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
         metavar="SHARE",
         help="share of the healing windows drawn from the general text mixture (replay), in "
         "[0, 1]; 0 turns it off; default 0.5 when the mixture is built",
+    )
+    p.add_argument(
+        "--map-shrink",
+        type=float,
+        metavar="S",
+        help="shrink each fitted map toward the identity by S in [0, 1] (1: plain removal of "
+        "the fit's layers); default 0, the least-squares map",
     )
     p.add_argument(
         "--heal-text",

@@ -12,7 +12,7 @@ OPTIONS = [
     "--heal-seconds", "9", "--heal-tokens", "65536", "--tasks", "arc_easy,hellaswag", "--generation-prompts", "4",
     "--gate-ppl-increase", "30", "--gate-kl", "0.5", "--gate-agreement", "70",
     "--gate-task-retained", "90", "--gate-task-retained", "hellaswag:95",
-    "--heal-mix", "0.25", "--heal-loss", "kl", "--heal-text", "generated:1024",
+    "--heal-mix", "0.25", "--heal-loss", "kl", "--heal-text", "generated:1024", "--map-shrink", "0.5",
     "--eval-data", "code=c.txt", "--gate-ppl-increase", "code=40",
 ]  # fmt: skip
 
@@ -33,6 +33,7 @@ def test_compress_and_submit_build_the_same_compress_spec():
     assert local_spec.method == remote_spec.method == "fit"
     assert remote_spec.gate_task_retained == {"*": 90.0, "hellaswag": 95.0}
     assert remote_spec.heal_mix == 0.25 and remote_spec.heal_loss == "kl"
+    assert remote_spec.map_shrink == 0.5
     assert remote_spec.heal_text == "generated:1024"
     assert remote_spec.eval_data == {"code": "c.txt"}
     assert remote_spec.gate_ppl_increase == 30.0

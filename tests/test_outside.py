@@ -188,6 +188,8 @@ def test_empty_eval_text_and_unknown_gate_text_are_clear_errors(tmp_path):
         (["--gate-ppl-increase", "code=much"], "--gate-ppl-increase wants P or NAME=P"),
         (["--gate-ppl-increase", "code=5"], "names the text 'code', which is not measured"),
         (["--heal-mix", "2"], "heal_mix is the share"),
+        (["--map-shrink", "1.5"], "map_shrink"),
+        (["--map-shrink", "0.5", "--method", "remove"], "method=remove fits none"),
     ],
 )
 def test_cli_refuses_bad_text_options_with_exit_2(argv, message, capsys, tmp_path):

@@ -341,3 +341,30 @@ def test_check_foldable_refuses_before_fitting():
         check_foldable(build_tiny_model("gemma2"), [(2, 3)])
     with pytest.raises(FoldError, match="layer 0"):
         check_foldable(build_tiny_model("llama"), [(0, 1)])
+
+
+# --- a map shrunk toward the identity ----------------------------------------------------------
+
+
+def test_a_fold_shrunk_all_the_way_to_the_identity_is_plain_removal():
+    from linearize.fitting import shrink_toward_identity
+
+    model = build_tiny_model("llama").double()
+    reference = remove_layers(copy.deepcopy(model), [2, 3])
+    folds = shrink_toward_identity({(2, 3): OutputFold(_random_map(0, bias=False))}, 1.0)
+    fold_and_remove(model, folds)
+    ids = _tokens()
+    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-10, rtol=0)
+
+
+def test_shrinking_moves_the_map_and_its_intercept_linearly_toward_the_identity():
+    from linearize.fitting import shrink_toward_identity
+
+    affine = _random_map(3, bias=True)
+    eye = torch.eye(D, dtype=affine.weight.dtype)
+    shrunk = shrink_toward_identity({(1, 1): affine, (4, 4): OutputFold(affine, affine)}, 0.25)
+    for got in (shrunk[(1, 1)], shrunk[(4, 4)].mlp, shrunk[(4, 4)].attn):
+        torch.testing.assert_close(got.weight, 0.75 * affine.weight + 0.25 * eye)
+        torch.testing.assert_close(got.bias, 0.75 * affine.bias)
+    x = torch.randn(5, D, dtype=affine.weight.dtype)
+    torch.testing.assert_close(shrunk[(1, 1)].apply(x), 0.75 * affine.apply(x) + 0.25 * x)
