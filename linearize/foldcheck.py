@@ -45,6 +45,14 @@ TINY_WIDTHS = dict(
     mamba_d_head=8,
     mamba_d_state=16,
     mamba_chunk_size=16,
+    # linear attention (qwen3_next's Gated DeltaNet) and expert widths: the hub's 512 experts
+    # of width 512 would make the tiny model's three layers weigh hundreds of megabytes
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
 )
 
 

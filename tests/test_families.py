@@ -48,7 +48,8 @@ def test_discover_architecture_finds_layers_projection_and_per_layer_lists(famil
     assert set(arch.per_layer_config_keys) == PER_LAYER_KEYS.get(family, set())
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *KNOWN])
+# qwen3_next: a registry entry with linear-attention layers and a gated shared expert.
+@pytest.mark.parametrize("family", [*FAMILIES, *KNOWN, "qwen3_next"])
 def test_check_surgery_decides_the_fold_and_proves_the_removal(family):
     config = build_family_config(family) if family in FAMILIES else build_tiny_config(family)
     result = check_surgery(config)
