@@ -221,6 +221,25 @@ def _moe(name: str, kinds: tuple[LayerKind, ...], **overrides: Any) -> Architect
     return _llama_like(name, layer_kinds=(*kinds, DenseMLP("mlp.down_proj")), **overrides)
 
 
+def _llama4(name: str, layers_path: str) -> Architecture:
+    return _llama_like(
+        name,
+        layers_path=layers_path,
+        mlp_out="feed_forward.down_proj",
+        layer_kinds=(
+            MixtureOfExperts(
+                "feed_forward",
+                layout="in_out",
+                shared=("shared_expert.down_proj",),
+                routers=("router",),
+            ),
+            DenseMLP("feed_forward.down_proj"),
+        ),
+        per_layer_config_keys=("layer_types", "no_rope_layers"),
+        pattern_trimmers=(_trim_moe_layers,),
+    )
+
+
 _MOE_ENTRIES = (
     _moe(
         "qwen2_moe",
@@ -289,21 +308,10 @@ _MOE_ENTRIES = (
         ),
         mlp_output_scale=lambda config: float(getattr(config, "residual_multiplier", 1.0)),
     ),
-    _llama_like(
-        "llama4_text",
-        mlp_out="feed_forward.down_proj",
-        layer_kinds=(
-            MixtureOfExperts(
-                "feed_forward",
-                layout="in_out",
-                shared=("shared_expert.down_proj",),
-                routers=("router",),
-            ),
-            DenseMLP("feed_forward.down_proj"),
-        ),
-        per_layer_config_keys=("layer_types", "no_rope_layers"),
-        pattern_trimmers=(_trim_moe_layers,),
-    ),
+    _llama4("llama4_text", layers_path="model.layers"),
+    # The wrapper (Llama4ForConditionalGeneration) holds a whole causal LM as language_model,
+    # so its layers sit under language_model.model, not model.language_model as in llava.
+    _llama4("llama4", layers_path="language_model.model.layers"),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in (*_ENTRIES, *_MOE_ENTRIES)}
