@@ -172,9 +172,10 @@ _ENTRIES = (
 
 
 # --- mixture-of-experts families ----------------------------------------------------------------
-# Layouts checked against transformers 5.24's modeling files: the fused experts' down_proj is
-# (E, d, ff) except gpt_oss and llama4 (E, ff, d); only gpt_oss has expert biases, and its gates
-# are a softmax over the top-k (sum 1), so an intercept folds exactly through them.
+# Layouts checked against transformers 5.24's modeling files (qwen3_next against 5.25's): the
+# fused experts' down_proj is (E, d, ff) except gpt_oss and llama4 (E, ff, d); only gpt_oss has
+# expert biases, and its gates are a softmax over the top-k (sum 1), so an intercept folds
+# exactly through them.
 
 
 def _norm_topk(config: Any) -> bool:
@@ -208,9 +209,35 @@ def _trim_moe_layers(config: Any, kept: list[int]) -> None:
     config.moe_layers = [new for new, old in enumerate(kept) if old in sparse]
 
 
+def _drop_attention_interval(config: Any, kept: list[int]) -> None:
+    """Qwen3-Next: full_attention_interval (every n-th layer is full attention) only stands in
+    for a missing layer_types; after a removal the pattern is no longer periodic, and the trimmed
+    layer_types says it. None drops the field from the written config.json."""
+    config.full_attention_interval = None
+
+
 def _moe(name: str, kinds: tuple[LayerKind, ...], **overrides: Any) -> Architecture:
     # Dense layers of a mixed family (mlp_only_layers, first_k_dense_replace) keep mlp.down_proj.
     return _llama_like(name, layer_kinds=(*kinds, DenseMLP("mlp.down_proj")), **overrides)
+
+
+def _llama4(name: str, layers_path: str) -> Architecture:
+    return _llama_like(
+        name,
+        layers_path=layers_path,
+        mlp_out="feed_forward.down_proj",
+        layer_kinds=(
+            MixtureOfExperts(
+                "feed_forward",
+                layout="in_out",
+                shared=("shared_expert.down_proj",),
+                routers=("router",),
+            ),
+            DenseMLP("feed_forward.down_proj"),
+        ),
+        per_layer_config_keys=("layer_types", "no_rope_layers"),
+        pattern_trimmers=(_trim_moe_layers,),
+    )
 
 
 _MOE_ENTRIES = (
@@ -231,6 +258,23 @@ _MOE_ENTRIES = (
         "qwen3_moe",
         (MixtureOfExperts("mlp", gates_sum_to_one=_norm_topk),),
         pattern_trimmers=(_trim_sparse_step,),
+    ),
+    _moe(
+        "qwen3_next",
+        (
+            # The shared expert's output is scaled by sigmoid(shared_expert_gate(x)), one scalar
+            # per token, so a map on its down projection's output folds exactly through it.
+            MixtureOfExperts(
+                "mlp",
+                shared=("shared_expert.down_proj",),
+                routers=("gate", "shared_expert_gate"),
+                gates_sum_to_one=_norm_topk,
+            ),
+        ),
+        # layer_types (linear_attention / full_attention) decides the mixer and the cache slot
+        # kind; linear-attention layers have linear_attn.out_proj, not self_attn.o_proj.
+        per_layer_config_keys=("layer_types",),
+        pattern_trimmers=(_trim_sparse_step, _drop_attention_interval),
     ),
     _moe("mixtral", (MixtureOfExperts("mlp", gates_sum_to_one=always),)),
     _moe("olmoe", (MixtureOfExperts("mlp", gates_sum_to_one=_norm_topk),)),
@@ -264,21 +308,10 @@ _MOE_ENTRIES = (
         ),
         mlp_output_scale=lambda config: float(getattr(config, "residual_multiplier", 1.0)),
     ),
-    _llama_like(
-        "llama4_text",
-        mlp_out="feed_forward.down_proj",
-        layer_kinds=(
-            MixtureOfExperts(
-                "feed_forward",
-                layout="in_out",
-                shared=("shared_expert.down_proj",),
-                routers=("router",),
-            ),
-            DenseMLP("feed_forward.down_proj"),
-        ),
-        per_layer_config_keys=("layer_types", "no_rope_layers"),
-        pattern_trimmers=(_trim_moe_layers,),
-    ),
+    _llama4("llama4_text", layers_path="model.layers"),
+    # The wrapper (Llama4ForConditionalGeneration) holds a whole causal LM as language_model,
+    # so its layers sit under language_model.model, not model.language_model as in llava.
+    _llama4("llama4", layers_path="language_model.model.layers"),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {entry.name: entry for entry in (*_ENTRIES, *_MOE_ENTRIES)}

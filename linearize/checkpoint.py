@@ -422,10 +422,15 @@ def _config_dict(config: Any) -> dict:
     return json.loads(config.to_json_string(use_diff=False))
 
 
+_ABSENT = object()
+
+
 def _dict_diff(before: dict, after: dict, prefix: str = "") -> list[str]:
+    # A field the surgery set to None where the loaded config had none (a stale field such as
+    # qwen3_next's full_attention_interval) is a change: _set_path drops it from the JSON.
     changed = []
     for key in sorted(set(before) | set(after), key=str):
-        old, new = before.get(key), after.get(key)
+        old, new = before.get(key, _ABSENT), after.get(key, _ABSENT)
         if isinstance(old, dict) and isinstance(new, dict):
             changed += _dict_diff(old, new, f"{prefix}{key}.")
         elif old != new:

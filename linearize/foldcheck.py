@@ -45,6 +45,14 @@ TINY_WIDTHS = dict(
     mamba_d_head=8,
     mamba_d_state=16,
     mamba_chunk_size=16,
+    # linear attention (qwen3_next's Gated DeltaNet) and expert widths: the hub's 512 experts
+    # of width 512 would make the tiny model's three layers weigh hundreds of megabytes
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
 )
 
 
@@ -247,9 +255,12 @@ def _check_reload(model, ids) -> str | None:
     for key in arch.per_layer_config_keys:
         if getattr(layer_config(reloaded), key, None) != getattr(layer_config(model), key, None):
             return f"config.{key} of a copy with a layer removed does not reload as saved"
-    with torch.no_grad():
-        before = model(input_ids=ids, use_cache=False).logits
-        after = reloaded(input_ids=ids, use_cache=False).logits
+    try:
+        with torch.no_grad():
+            before = model(input_ids=ids, use_cache=False).logits
+            after = reloaded(input_ids=ids, use_cache=False).logits
+    except Exception as err:  # noqa: BLE001 - a model whose forward fails cannot be compressed
+        return f"the model's forward fails on a tiny model ({_one_line(err)})"
     if not torch.allclose(before, after, rtol=TOLERANCE, atol=TOLERANCE):
         return "a copy with a layer removed computes different logits after a save and a load"
     return None

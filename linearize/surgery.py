@@ -151,7 +151,15 @@ def _advance_cache_slot(cache: Any, layer_idx: int, hidden_states: Tensor) -> No
     batch, tokens = hidden_states.shape[0], hidden_states.shape[-2]
     heads, head_dim = 1, 1
     slots = getattr(cache, "layers", [])
-    keys = getattr(slots[layer_idx], "keys", None) if layer_idx < len(slots) else None
+    slot = slots[layer_idx] if layer_idx < len(slots) else None
+    if slot is not None and not hasattr(slot, "update"):
+        # A linear-attention slot (qwen3_next's Gated DeltaNet) holds a state, not keys and
+        # values; only its token count, which get_seq_length reads, moves on.
+        count = getattr(slot, "cumulative_length_linear", None)
+        if isinstance(count, torch.Tensor):
+            count.add_(tokens)
+        return
+    keys = getattr(slot, "keys", None)
     if isinstance(keys, torch.Tensor) and keys.dim() == 4:
         heads, head_dim = keys.shape[1], keys.shape[-1]  # pre-allocated (static) slots
     placeholder = hidden_states.new_zeros(batch, heads, tokens, head_dim)

@@ -20,7 +20,7 @@ from api_schemas import CompressSpec, DataSpec
 from linearize import pipeline
 from linearize.architectures import ARCHITECTURES, decoder_layers, get_architecture
 from linearize.data import find_wikitext
-from linearize.errors import FoldError
+from linearize.errors import FoldError, UnsupportedArchitectureError
 from linearize.foldcheck import check_surgery, require_surgery
 from linearize.surgery import remove_layers
 
@@ -48,7 +48,8 @@ def test_discover_architecture_finds_layers_projection_and_per_layer_lists(famil
     assert set(arch.per_layer_config_keys) == PER_LAYER_KEYS.get(family, set())
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *KNOWN])
+# qwen3_next: a registry entry with linear-attention layers and a gated shared expert.
+@pytest.mark.parametrize("family", [*FAMILIES, *KNOWN, "qwen3_next"])
 def test_check_surgery_decides_the_fold_and_proves_the_removal(family):
     config = build_family_config(family) if family in FAMILIES else build_tiny_config(family)
     result = check_surgery(config)
@@ -143,6 +144,35 @@ def test_require_surgery_refuses_planted_post_norm_family_in_one_line(planted_po
     assert message.startswith("planted_post_norm: a map folded into mlp.down_proj does not")
     assert "--format linear or --method remove" in message
     assert require_surgery(planted_post_norm, fold=False).removal is None
+
+
+@pytest.fixture(scope="module")
+def planted_broken_forward():
+    """A family whose forward raises, as transformers 5.24's Llama4ForConditionalGeneration does
+    on any input ('MoeCausalLMOutputWithPast' object has no attribute 'image_outputs')."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    class BrokenConfig(LlamaConfig):
+        model_type = "planted_broken_forward"
+
+    class BrokenForCausalLM(LlamaForCausalLM):
+        config_class = BrokenConfig
+
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs).image_outputs
+
+    AutoConfig.register("planted_broken_forward", BrokenConfig, exist_ok=True)
+    AutoModelForCausalLM.register(BrokenConfig, BrokenForCausalLM, exist_ok=True)
+    return BrokenConfig(**FAMILY_CONFIGS["olmo2"])
+
+
+def test_require_surgery_refuses_a_family_whose_forward_fails_in_one_line(planted_broken_forward):
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        require_surgery(planted_broken_forward, fold=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("planted_broken_forward: the model's forward fails on a tiny model")
+    assert "no attribute 'image_outputs'" in message
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,7 @@ ROUTERS = ("router.weight", "router.bias", "mlp.gate.weight", "shared_expert_gat
         ("gpt_oss", dict(heal_steps=4)),
         ("deepseek_v3", dict(heal_steps=0, method="remove")),
         ("qwen3_moe", dict(heal_steps=0, format="linear")),
+        ("qwen3_next", dict(heal_steps=3)),
     ],
 )
 def test_compress_moe_reloads_to_the_reported_perplexity(family, options, data, tmp_path):
@@ -184,10 +185,73 @@ def test_compress_moe_reloads_to_the_reported_perplexity(family, options, data, 
     assert feed_forward_types(reloaded) == kept
 
 
-def test_streamed_moe_equals_resident(data, tmp_path):
-    source = sharded_moe(tmp_path / "m", "mixtral")
+def test_fold_leaves_qwen3_next_router_and_shared_expert_gate_bit_identical():
+    # Named here rather than taken from the registry's `frozen`, so that an entry that forgot
+    # the shared expert's sigmoid gate would fail.
+    model = build_tiny_model("qwen3_next", initializer_range=0.3)
+
+    def gates():
+        names = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(names)}
+
+    before, shared = gates(), model.model.layers[0].mlp.shared_expert.down_proj.weight.clone()
+    fold_and_remove(model, {(1, 1): OutputFold(mlp=random_map(32, intercept=False))})
+    after = gates()
+    assert len(before) == 2 * 5 and len(after) == 2 * 4  # layer 4 is dense; layer 1 went
+    for name, weight in after.items():
+        position = int(name.split(".")[2])
+        old = name.replace(f"layers.{position}.", f"layers.{position + (position >= 1)}.")
+        assert torch.equal(weight, before[old]), name
+    assert not torch.equal(model.model.layers[0].mlp.shared_expert.down_proj.weight, shared)
+
+
+def hub_qwen3_next(directory):
+    """A sharded tiny qwen3_next whose config.json says the layer pattern as the hub's does:
+    full_attention_interval, no layer_types."""
+    source = sharded_moe(directory, "qwen3_next")
+    config = json.loads((source / "config.json").read_text())
+    del config["layer_types"]
+    config["full_attention_interval"] = 2
+    (source / "config.json").write_text(json.dumps(config))
+    return source
+
+
+def test_compress_qwen3_next_across_both_layer_kinds_reloads_and_generates(data, tmp_path):
+    source = hub_qwen3_next(tmp_path / "m")
+    types = AutoModelForCausalLM.from_pretrained(source).config.layer_types
+    report = compress(source, data, tmp_path / "o", heal_steps=0)
+    ppl = report.perplexity
+    assert ppl.validation_reloaded == pytest.approx(ppl.validation_compressed, rel=1e-5)
+    removed = report.replaced_layers
+    assert {types[i] for i in removed} == {"linear_attention", "full_attention"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    assert reloaded.config.num_hidden_layers == len(decoder_layers(reloaded)) == 4
+    assert reloaded.config.layer_types == [t for i, t in enumerate(types) if i not in removed]
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert "full_attention_interval" not in written, "a removal makes the interval stale"
+    assert "full_attention_interval" in report.model.config_changes
+    # The dynamic cache builds one linear-attention or attention slot per kept layer.
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = reloaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=258)
+    assert out.shape == (1, 12)
+    others = [p for p in source.iterdir() if "safetensors" not in p.name]
+    others = [p for p in others if p.name != "config.json"]
+    assert {p.name for p in others} >= {"tokenizer.json", "generation_config.json"}
+    for path in others:
+        assert (tmp_path / "o" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+# qwen3_next as well: a streamed layer is replayed with the mask of its own kind (linear or
+# full attention), which a resident forward picks inside the model's loop.
+@pytest.mark.parametrize(
+    ("family", "expert_key"),
+    [("mixtral", ".experts.0.w2.weight"), ("qwen3_next", ".experts.0.down_proj.weight")],
+)
+def test_streamed_moe_equals_resident(family, expert_key, data, tmp_path):
+    source = sharded_moe(tmp_path / "m", family)
     keys = ShardedWeights.open(source).keys()
-    assert any(".experts.0.w2.weight" in k for k in keys), "the hub's per-expert layout"
+    assert any(expert_key in k for k in keys), "the hub's per-expert layout"
     resident = compress(source, data, tmp_path / "r", streaming="off", heal_steps=0)
     streamed = compress(source, data, tmp_path / "s", streaming="on", heal_steps=0)
     assert streamed.execution.mode == "streamed"

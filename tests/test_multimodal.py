@@ -17,13 +17,15 @@ from transformers import AutoModelForImageTextToText
 
 from api_schemas import CompressSpec, DataSpec, EvalSpec
 from linearize import pipeline
+from linearize.architectures import decoder_layers
 from linearize.checkpoint import SOURCE_CARD_NAME, load
 from linearize.data import find_wikitext
 from linearize.errors import FoldError
 from linearize.weights import ShardedWeights
 
 SMALL = dict(calib_tokens=512, seq_len=64, eval_tokens=256, generation_prompts=0)
-TEXT_PARTS = ("model.language_model.", "lm_head.")
+# Llama 4 holds a whole causal LM as `language_model` (its head included).
+TEXT_PARTS = ("model.language_model.", "lm_head.", "language_model.")
 # Gemma's post-norm makes the fold inexact, so it is compressed in the linear format.
 FORMATS = {"gemma3": "linear"}
 
@@ -59,8 +61,9 @@ def non_weight_files(directory):
 
 
 # Every family without healing; healing (through the wrapper's text forward) on a fold and a
-# linear-format family, which keeps the suite's time budget.
-RUNS = [(family, 0) for family in MULTIMODAL] + [("llava", 3), ("gemma3", 3)]
+# linear-format family, which keeps the suite's time budget, and on llama4, whose wrapper
+# forward raised in transformers 5.24.
+RUNS = [(family, 0) for family in MULTIMODAL] + [("llava", 3), ("gemma3", 3), ("llama4", 3)]
 
 
 @pytest.mark.parametrize(("family", "heal_steps"), RUNS)
@@ -80,7 +83,7 @@ def test_compress_multimodal_backbone_keeps_vision_and_files(
     model = reload(out, fmt)
     text = model.config.get_text_config()
     if fmt == "standard":
-        assert text.num_hidden_layers == 4 == len(model.model.language_model.layers)
+        assert text.num_hidden_layers == 4 == len(decoder_layers(model))
         assert report.model.layers_after == 4
     else:  # the two replaced layers became one linear block
         assert text.num_hidden_layers == 5 and report.model.layers_after == 5
@@ -139,12 +142,16 @@ def test_a_streamed_multimodal_run_equals_the_resident_one(sources, data, tmp_pa
 
 @pytest.mark.parametrize("family", MULTIMODAL)
 def test_registry_finds_the_language_backbone_of_a_wrapper(family):
-    from linearize.architectures import decoder_layers, hidden_size, num_layers, text_model
+    from linearize.architectures import get_architecture, hidden_size, num_layers, text_model
 
     model = build_multimodal_model(family)
+    # llava and the others: model.language_model is the text model; llama4: language_model is
+    # a causal LM whose .model is.
+    backbone = model.language_model.model if family == "llama4" else model.model.language_model
     layers = decoder_layers(model)
-    assert layers is model.model.language_model.layers
+    assert layers is backbone.layers
     assert len(layers) == num_layers(model) == 6 and hidden_size(model) == 32
-    assert text_model(model) is model.model.language_model
-    for layer in layers:
-        assert isinstance(layer.get_submodule("mlp.down_proj"), torch.nn.Linear)
+    assert text_model(model) is backbone
+    arch = get_architecture(model)
+    kinds = {arch.kind_of(layer).name for layer in layers}
+    assert kinds == ({"mixture of experts", "dense MLP"} if family == "llama4" else {"dense MLP"})

@@ -311,7 +311,8 @@ def _assert_cached_generation_matches_uncached(model):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("arch_name", TINY_ARCHITECTURES)
+# qwen3_next: the blocks at positions 0 and 4 stand in linear-attention slots (a state, no keys).
+@pytest.mark.parametrize("arch_name", [*TINY_ARCHITECTURES, "qwen3_next"])
 def test_generate_with_cache_after_replace_with_linear(arch_name):
     model = build_tiny_model(arch_name)
     # A block at position 0 owns the cache slot transformers reads the sequence length from.
@@ -325,10 +326,13 @@ def test_generate_with_cache_after_replace_with_linear(arch_name):
     _assert_cached_generation_matches_uncached(model)
 
 
-@pytest.mark.parametrize("arch_name", FOLDABLE)
+# qwen3_next: the span (2, 3) is a linear-attention and a full-attention layer.
+@pytest.mark.parametrize("arch_name", [*FOLDABLE, "qwen3_next"])
 def test_generate_with_cache_after_fold_and_remove(arch_name):
     model = build_tiny_model(arch_name)
-    bias = _has_bias(model)
+    target = decoder_layers(model)[1]
+    carriers = get_architecture(model).kind_of(target).carriers(target, model.config)
+    bias = any(c.takes_intercept and c.bias is not None for c in carriers)
     fold_and_remove(model, {(2, 3): OutputFold(_random_map(0, bias=bias, dtype=torch.float32))})
     _assert_cached_generation_matches_uncached(model)
 

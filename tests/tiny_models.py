@@ -129,6 +129,21 @@ TINY_MOE_CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(
         _MOE, num_experts=4, moe_intermediate_size=16, head_dim=8, mlp_only_layers=[1, 4]
     ),
+    # Hybrid: Gated DeltaNet (linear attention) and full attention layers alternate; a dense
+    # MLP at layer 4, a sigmoid-gated shared expert next to the routed ones elsewhere.
+    "qwen3_next": dict(
+        _MOE,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        mlp_only_layers=[4],
+        full_attention_interval=2,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    ),
     "mixtral": dict(_MOE, num_local_experts=4, sliding_window=None),
     "olmoe": dict(_MOE, num_experts=4),
     "granitemoe": dict(_MOE, num_local_experts=4, residual_multiplier=0.5),

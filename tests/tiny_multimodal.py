@@ -83,6 +83,28 @@ MULTIMODAL_CONFIGS: dict[str, dict] = {
         ),
         **_QWEN_IDS,
     ),
+    # A mixture-of-experts backbone (every other layer sparse); 14-pixel patches of a 28-pixel
+    # tile, pixel-shuffled by 0.5, make one image token. The vision MLP widens the shuffled
+    # patches 4x (hidden_size x 4 = intermediate_size), as the release's 1408 -> 5632.
+    "llama4": dict(
+        text_config=dict(
+            TINY_CONFIGS["llama4_text"],
+            model_type="llama4_text",
+            vocab_size=VOCAB,
+            initializer_range=0.3,
+        ),
+        vision_config=dict(
+            _VISION,
+            intermediate_size=4 * HIDDEN,
+            vision_output_dim=HIDDEN,
+            projector_input_dim=HIDDEN,
+            projector_output_dim=HIDDEN,
+            pixel_shuffle_ratio=0.5,
+        ),
+        image_token_index=IMAGE_ID,
+        boi_token_index=BOI_ID,
+        eoi_token_index=EOI_ID,
+    ),
 }
 MULTIMODAL = list(MULTIMODAL_CONFIGS)
 
@@ -126,7 +148,8 @@ def image_text_inputs(family: str) -> dict:
             inputs["mm_token_type_ids"] = (ids == IMAGE_ID).int()
         return inputs
     side = 2 * IMAGE if family == "mistral3" else IMAGE
-    ids = torch.cat([torch.full((1, 4), IMAGE_ID), text], dim=1)  # 4 image tokens for each
+    count = 1 if family == "llama4" else 4  # image tokens per image
+    ids = torch.cat([torch.full((1, count), IMAGE_ID), text], dim=1)
     inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, side, side))
     if family == "mistral3":
         inputs["image_sizes"] = torch.tensor([[side, side]])
