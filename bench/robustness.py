@@ -118,6 +118,7 @@ def summarise(report: dict, extra: list[str], wall: float, exit_code: int) -> di
         "kl": report["agreement"]["kl"],
         "top1_pct": 100 * report["agreement"]["top1_agreement"],
         "wall_s": round(wall, 1),
+        "threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
         "load_avg": os.getloadavg()[0],
     }
 

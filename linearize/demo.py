@@ -50,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
             "512",
             "--format",
             "standard",
-            # A quarter of the default healing text and 45 s of healing: the teacher's pass
-            # over 64k tokens alone cost ~90 s of a 3-minute demo on 2 CPU cores. 16k tokens
-            # are 32 windows, which the ~70 steps of 45 s draw about twice each.
+            # The fit windows' size of healing text and 40 s of healing: the teacher's pass
+            # over 64k tokens alone cost ~90 s of a 3-minute demo on 2 CPU cores. Replay swaps
+            # half of the 16 windows for general text; the ~30 steps draw each about twice.
             "--heal-tokens",
-            "16384",
+            "8192",
             "--heal-seconds",
-            "45",
-            # 4 greedy continuations instead of 16: each costs ~1.3 s per model on 2 cores.
+            "40",
+            # 2 greedy continuations instead of 16: each costs ~1.3 s per model on 2 cores.
             "--generation-prompts",
-            "4",
+            "2",
             "--output",
             str(output),
             "--report",
