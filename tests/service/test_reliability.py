@@ -28,11 +28,12 @@ def sqlite_stack(tmp_path, model_root, shared_redis):
             broker_url=shared_redis,
             database_url=f"sqlite:///{tmp_path / 'jobs.sqlite'}",
             model_root=model_root,
-            # Short, still ordered soft < hard < visibility: an unacked message of the
-            # killed worker comes back within the test, and must then be dropped.
-            LINEARIZE_TASK_SOFT_TIME_LIMIT_S=20,
-            LINEARIZE_TASK_TIME_LIMIT_S=25,
-            LINEARIZE_VISIBILITY_TIMEOUT_S=30,
+            # Short (the heavy job takes ~25 s on a slow 2-core host), still ordered soft < hard <
+            # visibility: an unacked message of the killed worker comes back within the test,
+            # and must then be dropped.
+            LINEARIZE_TASK_SOFT_TIME_LIMIT_S=45,
+            LINEARIZE_TASK_TIME_LIMIT_S=50,
+            LINEARIZE_VISIBILITY_TIMEOUT_S=55,
         ),
     )
     stack.start_api()
