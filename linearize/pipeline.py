@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
 from api_schemas.report import LayerLinearity, Perplexity
+from linearize import quantization
 from linearize.errors import Cancelled, InputError, OutputExistsError, VerificationError
 from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
 from linearize.job import Job
@@ -821,6 +822,7 @@ def save_and_verify(
         report.model.bytes_after = parameter_bytes(model)
         report.model.extra_params = _extra_params(model)
         report.model.checkpoint_bytes = _dir_bytes(staged.path)
+        quantization.complete(report.model, staged.path)
         report.gate = evaluate_gates(job.spec, report)
         report.execution = execution_info(job, stack)
         report.timings = job.timings
