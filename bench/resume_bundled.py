@@ -105,11 +105,20 @@ def run(command: list[str], env: dict, kill_at_checkpoint: Path | None = None) -
 
 
 def max_difference(first: Path, second: Path) -> float:
-    from safetensors.torch import load_file
-
-    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    a, b = checkpoint_tensors(first), checkpoint_tensors(second)
     assert a.keys() == b.keys(), "the two checkpoints hold different tensors"
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def checkpoint_tensors(directory: Path) -> dict:
+    """Every tensor of a checkpoint, whether it is one file or sharded."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    assert tensors, f"no safetensors file in {directory}"
+    return tensors
 
 
 if __name__ == "__main__":

@@ -45,11 +45,15 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--only", choices=["search", "brute"], help="run one side only")
     parser.add_argument(
+        "--gate-set", choices=list(GATE_SETS), help="search with this gate set only (and first)"
+    )
+    parser.add_argument(
         "--json", type=Path, default=ROOT / "bench" / "results" / "search_vs_brute.json"
     )
     args = parser.parse_args()
     results = {"machine": machine.describe(), "args": {**vars(args), "json": str(args.json)}}
-    first, *others = GATE_SETS.items()
+    gate_sets = {args.gate_set: GATE_SETS[args.gate_set]} if args.gate_set else GATE_SETS
+    first, *others = gate_sets.items()
     if args.only != "brute":
         results[f"search: {first[0]}"] = run(args, first[1])
         save(args.json, results)
