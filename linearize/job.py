@@ -137,6 +137,7 @@ class Job:
             activation_tokens=activation_tokens + 6 * heal_tokens,
             heal=heal,
             kept_layers=1 if hasattr(spec, "heal_steps") else 0,
+            heal_loss=getattr(spec, "heal_loss", "mse"),
         )
 
     def planner(self, stack):

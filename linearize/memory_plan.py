@@ -46,6 +46,7 @@ class Workload:
     heal: bool = False
     neighbours: int = 4  # layers after the cut healing would train (NEIGHBOUR_LAYERS)
     kept_layers: int = 1  # changed layers held in memory besides the one being run
+    heal_loss: str = "mse"  # a resident heal's loss: "kl" computes two windows' logits a step
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,18 @@ def least_plan(shape: ModelShape, work: Workload, budget: int, streamed: bool) -
     plan.items["forward (one batch)"] = forward_bytes(shape, work.seq_len, 1)
     plan.items["logits (one head step)"] = logits_bytes(shape, plan.head_rows)
     plan.items["healing state"] = healing_bytes(shape, 0) if work.heal else 0
+    if work.heal and not streamed:
+        plan.items["healing loss (one step)"] = loss_bytes(shape, work)
     return plan
+
+
+def loss_bytes(shape: ModelShape, work: Workload) -> int:
+    """A resident heal's loss on one window. KL: the teacher's and the student's logits, the
+    student's log-softmax and its gradient (the teacher's top-k targets are taken from its
+    logits each step, never stored). Centred-logit MSE: the d x d metric, no logits."""
+    if work.heal_loss == "kl":
+        return 4 * work.seq_len * shape.vocab * 4
+    return shape.hidden * shape.hidden * 4
 
 
 def fixed_items(shape: ModelShape, work: Workload, budget: int, streamed: bool) -> dict[str, int]:

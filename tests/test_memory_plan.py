@@ -61,3 +61,11 @@ def test_a_resident_plan_is_reported_even_over_its_budget():
     plan = plan_memory(SHAPE, WORK, 1000, streamed=False)
     assert plan.items["weights (all resident)"] == 20 * LAYER and plan.total > 1000
     assert plan.neighbours == 4 and plan.cache_bytes == 0
+    assert plan.items["healing loss (one step)"] == 64 * 64 * 4  # the centred-logit metric
+
+
+def test_a_resident_kl_heal_counts_two_windows_of_logits_and_their_gradients():
+    kl = Workload(seq_len=128, activation_tokens=0, heal=True, heal_loss="kl")
+    plan = plan_memory(SHAPE, kl, 1000, streamed=False)
+    assert plan.items["healing loss (one step)"] == 4 * 128 * 1000 * 4
+    assert "healing loss (one step)" not in plan_memory(SHAPE, kl, 10**12, streamed=True).items
