@@ -248,8 +248,9 @@ class Execution(_Model):
     )
     start_memory_bytes: int | None = Field(
         None,
-        description="The process's memory (as peak_memory_bytes measures it) when the job "
-        "started, before the model was read: the peak minus this is what the job added.",
+        description="The process's memory (as peak_memory_bytes measures it) once the "
+        "model's code was imported, before any weight was read: the peak minus this is what "
+        "the job added.",
     )
 
 

@@ -61,7 +61,7 @@ def execution_info(job, stack) -> Execution:
         spilled_caches=spill.spilled,
         planned_peak_bytes=placement.plan.total if placement.plan else None,
         memory_plan=dict(placement.plan.items) if placement.plan else {},
-        start_memory_bytes=job.start_memory,
+        start_memory_bytes=placement.start_memory,
     )
 
 

@@ -33,7 +33,6 @@ class Job:
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self.placement = None
-        self.start_memory: int | None = None  # linearize.memory.current_bytes before the model
         self._spill = None
         self._planner = None
         self.resume_slot: str | None = None  # where a compress keeps its state (linearize.resume)
@@ -64,14 +63,11 @@ class Job:
 
     def load(self, source: str, *, activation_tokens: int = 0):
         """The model as a LayerStack (`loaded.stack`), resident or streamed for the budget."""
-        from linearize.loading import resolve_device
-        from linearize.memory import current_bytes, reset_peak
+        from linearize.memory import reset_peak
         from linearize.placement import open_stack
 
         self.text()
         self.spill()  # a bad --host-budget fails before the model is read
-        if self.placement is None:  # what the process held before the job's model
-            self.start_memory = current_bytes(resolve_device(self.spec.device))
         with self.timed("load"), self.progress.stage("load", total=1, message=source):
             loaded, placement = open_stack(
                 source,

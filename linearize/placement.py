@@ -34,6 +34,7 @@ class Placement:
     reason: str
     head_bytes: int = 0
     plan: object = None  # linearize.memory_plan.MemoryPlan
+    start_memory: int | None = None  # the process before any weight (memory.current_bytes)
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "plan": self.plan.as_dict() if self.plan else None}
@@ -53,7 +54,7 @@ def open_stack(
     """(LoadedModel with a `.stack`, Placement) for any supported model source. `workload`
     (linearize.memory_plan.Workload) sizes the memory plan; the stack follows it."""
     from linearize.loading import load_model, resolve_device
-    from linearize.memory import resolve_budget
+    from linearize.memory import current_bytes, resolve_budget
 
     if streaming not in STREAMING_MODES:
         raise InputError(f"--streaming must be one of {', '.join(STREAMING_MODES)}")
@@ -61,11 +62,13 @@ def open_stack(
     budget = resolve_budget(memory_budget, device)
     directory, prefix = weights_directory(source, dtype=dtype, use_cache=use_cache)
     sizes = checkpoint_sizes(directory, prefix, dtype)
+    start = current_bytes(device)  # the model's code is imported, no weight is read yet
     activation_bytes = activation_tokens * sizes["hidden"] * sizes["itemsize"]
     placement = choose(streaming, budget, sizes, activation_bytes)
     if streaming == "auto" and placement.mode == "resident":
         placement = stream_unless_planned(placement, sizes, workload)
     placement.plan = make_plan(placement, sizes, workload)
+    placement.start_memory = start
     log.info("placement: %s (%s)", placement.mode, placement.reason)
     if placement.mode == "resident":
         loaded = load_model(source, dtype=dtype, device=device, use_cache=use_cache)

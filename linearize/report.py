@@ -256,7 +256,8 @@ def curve_table(report: Report) -> list[str]:
 
 
 def memory_text(e) -> str:
-    """'planned P, peak M (+A over the process at start)': the plan beside the measurement."""
+    """'planned P, peak M (A over the process at start)': the plan beside the measurement;
+    the start is the process with the model's code imported, before any weight was read."""
     text = f"peak {_size(e.peak_memory_bytes)}"
     if e.start_memory_bytes is not None:
         added = e.peak_memory_bytes - e.start_memory_bytes
