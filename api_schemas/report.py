@@ -21,6 +21,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SourceQuantization(_Model):
+    """A source stored quantized, and the dequantized checkpoint written from it."""
+
+    method: str = Field(..., description="quant_method of the source's quantization_config.")
+    scheme: str = Field(..., description="How it is quantized: 'fp8 block 128x128', 'mxfp4'.")
+    dtype: str = Field(..., description="What the quantized tensors are stored as.")
+    bytes: int = Field(..., description="Bytes of the source's weight files on disk.")
+    output_dtype: str | None = Field(None, description="dtype the checkpoint is written in.")
+    output_bytes: int | None = Field(None, description="Bytes of the written weight files.")
+
+
 class ModelInfo(_Model):
     source: str
     architecture: str
@@ -38,6 +49,9 @@ class ModelInfo(_Model):
         None,
         description="config.json fields (dotted paths) the surgery changed; every other "
         "non-weight file of the source is copied byte for byte.",
+    )
+    source_quantization: SourceQuantization | None = Field(
+        None, description="Set when the source is stored quantized: it is read dequantized."
     )
 
 

@@ -111,7 +111,7 @@ def main() -> None:
         print(f"wrote {weights['total'] / 2**30:.2f} GiB in {time.perf_counter() - started:.0f} s")
         report = tmp / "report.json"
         command = ["compress", "--model", str(model), "--data", args.data, "--layers", "1",
-                   "--calib-tokens", "1024", "--eval-tokens", "512", "--seq-len", "128",
+                   "--calib-tokens", "4096", "--eval-tokens", "512", "--seq-len", "256",
                    "--heal-steps", "0", "--generation-prompts", "0", "--dtype", "bfloat16",
                    "--streaming", "on", "--memory-budget", args.budget, "--no-cache",
                    "--quiet", "--force", "--output", str(tmp / "out"),

@@ -2,14 +2,16 @@
 
 The estimate is a floor, not a plan: it counts only what the engine certainly holds at once, so
 a job refused here could never run on that worker, and an accepted one may still need more.
-- weights: the safetensors files' size on disk (exact for the dtype they are stored in); under a
-  memory budget with streaming allowed, at most the budget of them is resident;
+- weights: the safetensors files' size on disk (exact for the dtype they are stored in); a source
+  stored quantized (fp8, mxfp4), which the engine reads dequantized, counts every value at its
+  config dtype's size (from the files' headers); under a memory budget with streaming allowed,
+  at most the budget of them is resident;
 - the activation cache of the calibration windows at one layer boundary: calib_tokens x d x 4 B
   (float32 hidden states), unless host_budget spills it;
 - one d x d float32 Gram pair of the fit: 2 x d^2 x 4 B;
 - the logits of one evaluation window: seq_len x vocab x 4 B.
-Scratch disk: the staged checkpoint, at most the size of the source weights (a compressed model
-only loses layers); output size: the same bound.
+Scratch disk: the staged checkpoint, at most the size of the (dequantized) source weights (a
+compressed model only loses layers); output size: the same bound.
 """
 
 from __future__ import annotations
@@ -51,12 +53,62 @@ def estimate_needs(spec: object, model_dir: Path) -> JobNeeds | None:
     if not model_dir.is_dir() or not config_path.is_file():
         return None
     try:
-        config = _text_config(json.loads(config_path.read_text(encoding="utf-8")))
-        hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        text = _text_config(config)
+        hidden, vocab = int(text["hidden_size"]), int(text["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    weights = weights_bytes(model_dir, config)
     return needs_from(spec, weights_bytes=weights, hidden=hidden, vocab=vocab)
+
+
+# Quantized formats the engine reads dequantized (linearize.quantization), and the compute dtypes
+# a config may name (float32 when it names none, as the engine does).
+DEQUANTIZED_METHODS = ("fp8", "mxfp4")
+ITEMSIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_VALUE_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def weights_bytes(model_dir: Path, config: dict) -> int:
+    """The weights' bytes as the engine holds them: their size on disk, or for a source stored
+    quantized, every value at the config dtype's size (scales are consumed by the dequantization;
+    an MXFP4 block byte holds two values)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    on_disk = sum(p.stat().st_size for p in files)
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") not in DEQUANTIZED_METHODS:
+        return on_disk
+    itemsize = ITEMSIZES.get(config.get("dtype") or config.get("torch_dtype"), FLOAT32)
+    try:
+        return sum(_dequantized_bytes(_header(p), itemsize) for p in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return on_disk  # an unreadable header: the engine refuses the model with its reason
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors header")
+        return json.loads(handle.read(length))
+
+
+def _dequantized_bytes(header: dict, itemsize: int) -> int:
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__" or name.endswith(("_scale_inv", "_scales", "activation_scale")):
+            continue
+        values = 1
+        for n in info["shape"]:
+            values *= n
+        if name.endswith("_blocks"):
+            total += 2 * values * itemsize
+        elif info["dtype"] in _VALUE_DTYPES:
+            total += values * itemsize
+        else:  # integer tensors keep their size
+            start, end = info["data_offsets"]
+            total += end - start
+    return total
 
 
 def needs_from(spec: object, *, weights_bytes: int, hidden: int, vocab: int) -> JobNeeds:

@@ -41,7 +41,7 @@ def choose_method(job, stack, tokenizer, windows, analysis, n_layers: int) -> di
         trial = pipeline.trial_stack(stack)
         previous, job.spec = job.spec, trial_spec
         try:
-            pipeline.replace(job, trial, windows, indices)
+            pipeline.replace(job, trial, windows, indices, remember=True)
         except InputError as exc:  # e.g. a removal whose span starts at layer 0
             measured[method] = {"indices": indices, "refused": str(exc)}
             continue

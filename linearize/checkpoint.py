@@ -403,6 +403,7 @@ def write_patched_config(
     for field in changes:
         _set_path(raw, after, field.split("."))
     changes += _patch_dtype(raw, model)
+    changes += _drop_quantization(raw)
     # The source's key order is kept, so a text diff of the two files shows only the changes.
     (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return changes
@@ -457,6 +458,14 @@ def _patch_dtype(raw: dict, model: nn.Module) -> list[str]:
     for key in changed:
         raw[key] = written
     return changed
+
+
+def _drop_quantization(raw: dict) -> list[str]:
+    """A quantized source's config names its format; the weights written are plain tensors,
+    and the field left in would make transformers read them as quantized."""
+    if raw.pop("quantization_config", None) is None:
+        return []
+    return ["quantization_config"]
 
 
 def _write_manifest(directory: Path, model: nn.Module, fmt: str, resolved_spec: dict) -> None:

@@ -33,6 +33,12 @@ class UnsupportedArchitectureError(InputError):
     code = "unsupported_architecture"
 
 
+class UnsupportedQuantizationError(InputError):
+    """The source is stored in a quantized format that cannot be dequantized here."""
+
+    code = "unsupported_quantization"
+
+
 class BudgetError(InputError):
     """The layer budget cannot be met for this model."""
 

@@ -20,6 +20,7 @@ def model_info(loaded) -> ModelInfo:
         layers_before=num_layers(model),
         params_before=count_parameters(model),
         bytes_before=parameter_bytes(model),
+        source_quantization=getattr(loaded, "source_quantization", None),
     )
 
 

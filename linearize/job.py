@@ -37,6 +37,10 @@ class Job:
         self._planner = None
         self.resume_slot: str | None = None  # where a compress keeps its state (linearize.resume)
         self.resume = None  # the open linearize.resume.Resume of a compress
+        # Maps a trial already fitted on the unchanged model, by replaced indices: `--method
+        # auto` fits the chosen layers to measure the fit, and the job's own replacement of the
+        # same layers takes them instead of a second fit pass (linearize.pipeline).
+        self.fitted_maps: dict[tuple[int, ...], dict] = {}
 
     @contextmanager
     def timed(self, name: str):

@@ -31,6 +31,8 @@ class LoadedModel:
     files_dir: Path | None = None
     # The config as loaded, before any surgery: config.json changes only where this differs.
     source_config: object = None
+    # A source stored quantized (linearize.quantization.describe), read dequantized; else None.
+    source_quantization: dict | None = None
 
 
 def model_class(config):
@@ -185,15 +187,21 @@ WEIGHT_PATTERNS = (
 
 
 def _from_pretrained(where: str, dtype: str):
+    """The model, a quantized source dequantized by transformers' own quantizer as it loads."""
     from transformers import AutoConfig
+
+    from linearize import quantization
 
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False)
+        quantization.refuse_unsupported(config, where)
+        dequantizing = quantization.dequantizing_config(config)
         return model_class(config).from_pretrained(
             where,
             dtype=torch_dtype(dtype) or "auto",
             use_safetensors=True,
             trust_remote_code=False,
+            **({"quantization_config": dequantizing} if dequantizing else {}),
         )
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load model {where!r}: {_first_line(exc)}") from exc

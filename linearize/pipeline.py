@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 
 from api_schemas import JobSpec, ProgressEvent, Report
 from api_schemas.report import LayerLinearity, Perplexity
+from linearize import quantization
 from linearize.errors import Cancelled, InputError, OutputExistsError, VerificationError
 from linearize.facts import analysis_notes, data_info, execution_info, model_info, versions
 from linearize.job import Job
@@ -513,9 +514,15 @@ def trial_stack(stack):
     )
 
 
-def replace(job: Job, stack, windows, indices: list[int], resume=None) -> list:
-    """Fit and apply the maps; returns the parameters that carry them (for healing)."""
-    carriers, _, _ = _fit_and_replace(job, stack, windows, indices, teacher=None, resume=resume)
+def replace(
+    job: Job, stack, windows, indices: list[int], resume=None, *, remember: bool = False
+) -> list:
+    """Fit and apply the maps; returns the parameters that carry them (for healing).
+    remember: keep the fitted maps for the job's own replacement of the same layers (a trial
+    on a copy of the unchanged model fits exactly what that replacement would)."""
+    carriers, _, _ = _fit_and_replace(
+        job, stack, windows, indices, teacher=None, resume=resume, remember=remember
+    )
     return carriers
 
 
@@ -528,7 +535,9 @@ def replace_with_teacher(
     return _fit_and_replace(job, stack, windows, indices, teacher=neighbours, resume=resume)
 
 
-def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None, resume=None):
+def _fit_and_replace(
+    job: Job, stack, windows, indices, *, teacher: int | None, resume=None, remember=False
+):
     """teacher: None for no teacher, else the number of layers healed after the cut.
     resume: the job's linearize.resume.Resume, whose fitted maps skip the fit pass."""
     from linearize.fitting import fit_pass, fit_spans
@@ -555,7 +564,11 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None, 
     # The teacher comes with the fit pass when healing reads the fit windows, else from a pass
     # of its own over the healing windows (the statistics stay those of the fit windows).
     # A removal fits nothing: its only pass is the teacher's.
-    maps = resume.load_maps(indices) if resume is not None and not removing else None
+    maps = None
+    if not removing:
+        maps = job.fitted_maps.pop(tuple(indices), None)
+        if maps is None and resume is not None:
+            maps = resume.load_maps(indices)
     joint = start is not None and windows.heal is windows.fit and not removing and maps is None
     if not removing and maps is None:
         with job.timed("fit"), job.pass_stage("fit", stack, sets) as st:
@@ -570,6 +583,8 @@ def _fit_and_replace(job: Job, stack, windows, indices, *, teacher: int | None, 
                 stage=st,
             )
             maps = fit_spans(stack.model, stats, fmt=fmt)
+        if remember:
+            job.fitted_maps[tuple(indices)] = maps
         if resume is not None:
             resume.save_maps(indices, maps)
     if start is not None and not joint:
@@ -803,6 +818,7 @@ def save_and_verify(
         report.model.bytes_after = parameter_bytes(model)
         report.model.extra_params = _extra_params(model)
         report.model.checkpoint_bytes = _dir_bytes(staged.path)
+        quantization.complete(report.model, staged.path)
         report.gate = evaluate_gates(job.spec, report)
         report.execution = execution_info(job, stack)
         report.timings = job.timings

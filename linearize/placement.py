@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from linearize import quantization
 from linearize.errors import InputError, LinearizeError, ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def open_stack(
     else:
         loaded = _open_streamed(source, directory, prefix, dtype, device)
     follow_plan(loaded.stack, placement.plan)
+    loaded.source_quantization = quantization.describe(directory, prefix)
     return loaded, placement
 
 
@@ -171,28 +173,33 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
 
     weights = ShardedWeights.open(directory, prefix)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    refuse_quantized(config, directory)
+    quantization.refuse_unsupported(config, directory)
     get_architecture(config)  # an unsupported family is refused before the skeleton is built
-    model_names, layers_prefix, head_prefix = _model_names(weights, config)
+    dequantizer = quantization.take_dequantizer(config)
+    skeleton = _skeleton(config)
+    weights.bind(skeleton, dequantizer)
+    model_names, layers_prefix, head_prefix = _model_names(weights, skeleton)
     target = torch_dtype(dtype)
-
-    def size(entry) -> int:
-        if target is None or entry.dtype not in _FLOAT_NAMES:
-            return entry.nbytes
-        return entry.nbytes // _FLOAT_NAMES[entry.dtype] * target.itemsize
+    if dequantizer is not None:  # sized as the plain tensors they are read into
+        run_dtype = target or quantization.compute_dtype(config)
+        sizes = {name: t.numel() * run_dtype.itemsize for name, t in _tensors(skeleton)}
+    else:
+        sizes = {key: _size(entry, target) for key, entry in weights.entries.items()}
 
     per_layer = [0] * num_layers(config)
     trunk = head = 0
-    for key, entry in weights.entries.items():
+    for key, nbytes in sizes.items():
         name = model_names.get(key, key)
         position = name[len(layers_prefix) :].split(".", 1)[0]
         if name.startswith(layers_prefix) and position.isdigit() and int(position) < len(per_layer):
-            per_layer[int(position)] += size(entry)
+            per_layer[int(position)] += nbytes
         elif name.startswith(head_prefix):
-            head += size(entry)
+            head += nbytes
         else:
-            trunk += size(entry)
-    itemsize = target.itemsize if target is not None else _checkpoint_dtype(weights).itemsize
+            trunk += nbytes
+    if target is None:
+        target = quantization.compute_dtype(config) if dequantizer else _checkpoint_dtype(weights)
+    itemsize = target.itemsize
     largest = max(per_layer, default=0)
     return {
         "hidden": hidden_size(config),
@@ -225,49 +232,49 @@ def config_shape(config, itemsize: int, largest_layer: int) -> dict:
 _FLOAT_NAMES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
-def _model_names(weights, config) -> tuple[dict[str, str], str, str]:
-    """The model's name of each shard tensor (hub layouts differ from the model's own, e.g. a
-    wrapper's `language_model.model.layers.N.`), the layers' and the output head's prefixes.
+def _size(entry, target) -> int:
+    """A shard tensor's bytes once cast to `target` (None: as stored)."""
+    if target is None or entry.dtype not in _FLOAT_NAMES:
+        return entry.nbytes
+    return entry.nbytes // _FLOAT_NAMES[entry.dtype] * target.itemsize
 
-    Names come from the conversion mapping transformers applies on load, bound on a skeleton
-    built on `meta` (no memory)."""
+
+def _skeleton(config):
+    """The model of `config` built on `meta` (no memory)."""
     from accelerate import init_empty_weights
 
-    from linearize.architectures import get_architecture
     from linearize.checkpoint import install_recorded_linear_blocks
     from linearize.loading import model_class
-    from linearize.stack import module_prefix
 
     with init_empty_weights(include_buffers=False):
         skeleton = model_class(config).from_config(config)
         install_recorded_linear_blocks(skeleton)
-    weights.bind(skeleton)
+    return skeleton
+
+
+def _tensors(model):
+    """(name, tensor) of every parameter and buffer, tied ones once."""
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield name, tensor
+
+
+def _model_names(weights, skeleton) -> tuple[dict[str, str], str, str]:
+    """The model's name of each shard tensor (hub layouts differ from the model's own, e.g. a
+    wrapper's `language_model.model.layers.N.`), the layers' and the output head's prefixes.
+
+    Names come from the conversion mapping transformers applies on load, bound (`weights.bind`)
+    on a skeleton built on `meta`."""
+    from linearize.architectures import get_architecture
+    from linearize.stack import module_prefix
+
     names = {key: model for model, key in weights.aliases.items()}
     for model, (_, parts) in weights.conversions.items():  # e.g. per-expert tensors, fused
         names.update(dict.fromkeys((key for _, key in parts), model))
     head = module_prefix(skeleton, skeleton.get_output_embeddings())
-    return names, get_architecture(config).layers_path + ".", head
-
-
-def refuse_quantized(config, directory: Path) -> None:
-    """A source stored quantized (gpt_oss's MXFP4 experts, FP8 blocks, GPTQ, ...) is refused:
-    the fold and the checkpoint writer work on plain tensors, and writing dequantized weights
-    under the source's quantization_config would not load."""
-    from linearize.errors import UnsupportedArchitectureError
-
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
-        return
-    method = (
-        quantization.get("quant_method")
-        if isinstance(quantization, dict)
-        else getattr(quantization, "quant_method", None)
-    )
-    raise UnsupportedArchitectureError(
-        f"{directory} is stored quantized (quant_method={str(method)!r}); quantized sources are "
-        "not supported yet: dequantize it first (load it with transformers and save_pretrained "
-        "in bfloat16), then compress that copy"
-    )
+    return names, get_architecture(skeleton.config).layers_path + ".", head
 
 
 def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path, str]:
@@ -301,7 +308,20 @@ def weights_directory(source: str, *, dtype: str, use_cache: bool) -> tuple[Path
         return path, LINEAR_WEIGHTS_PREFIX if linear else "model"
     if source.startswith((".", "/", "~")) or path.suffix:
         raise ModelSourceError(f"model path not found: {source}")
+    _refuse_before_download(source)
     return _hub_snapshot(source), "model"
+
+
+def _refuse_before_download(repo_id: str) -> None:
+    """A hub model stored in a quantization that cannot be read here is refused from its
+    config.json alone, before its weights are fetched."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id, trust_remote_code=False)
+    except (OSError, ValueError):
+        return  # the snapshot reports what is wrong with the source
+    quantization.refuse_unsupported(config, repo_id)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -345,11 +365,14 @@ def _open_streamed(source: str, directory: Path, prefix: str, dtype: str, device
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     weights = ShardedWeights.open(directory, prefix)
-    run_dtype = torch_dtype(dtype) or _checkpoint_dtype(weights)
+    dequantizer = quantization.take_dequantizer(config)
+    # A dequantized source computes in its config's dtype, as a resident load of it does.
+    default = quantization.compute_dtype(config) if dequantizer else _checkpoint_dtype(weights)
+    run_dtype = torch_dtype(dtype) or default
     with init_empty_weights(include_buffers=False):
         model = model_class(config).from_config(config, dtype=run_dtype)
         install_recorded_linear_blocks(model)
-    weights.bind(model)
+    weights.bind(model, dequantizer)
     layers_path = get_architecture(model).layers_path
     for index, layer in enumerate(decoder_layers(model)):
         layer._linearize_source = f"{layers_path}.{index}."

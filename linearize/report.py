@@ -59,6 +59,8 @@ def summary_lines(report: Report) -> list[str]:
     """The few lines a terminal or a CI summary shows."""
     m = report.model
     lines = [f"model      {m.source} ({m.architecture}, {m.dtype}, d={m.hidden_size})"]
+    if m.source_quantization is not None:
+        lines.append(f"quantized  {quantization_text(m.source_quantization)}")
     if report.replaced_layers:
         lines.append(
             f"replaced   layers {report.replaced_layers} -> {report.format}, {report.method} "
@@ -129,6 +131,41 @@ def summary_lines(report: Report) -> list[str]:
             )
         )
     return lines
+
+
+def quantization_text(q) -> str:
+    """The source's quantization, its weights' size on disk, and what was written from it."""
+    text = f"source {q.scheme} ({q.dtype}), {_size(q.bytes)} on disk, read dequantized"
+    if q.output_bytes is None:
+        return text
+    return f"{text}; written as {q.output_dtype}, {_size(q.output_bytes)}"
+
+
+def render_quantization(report: Report) -> list[str]:
+    q = report.model.source_quantization
+    if q is None:
+        return []
+    written = q.output_bytes is not None  # analyze and eval write no checkpoint
+    read = (
+        f"The source is stored quantized ({q.scheme}, `quant_method: {q.method}`); its weights "
+        "were dequantized by transformers' own quantizer as they were read"
+    )
+    if written:
+        read += ", and the checkpoint is written dequantized, without `quantization_config`"
+    lines = [
+        "## Quantized source",
+        "",
+        read + ".",
+        "",
+        "| | dtype | weight files |",
+        "|---|---|---|",
+        f"| source | {q.dtype} | {_size(q.bytes)} ({q.bytes:,} bytes) |",
+    ]
+    if written:
+        lines.append(
+            f"| output | {q.output_dtype} | {_size(q.output_bytes)} ({q.output_bytes:,} bytes) |"
+        )
+    return [*lines, ""]
 
 
 def text_line(t) -> str:
@@ -358,6 +395,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
             "a strict measure of damage.",
             "",
         ]
+    out += render_quantization(report)
     out += render_texts(report)
     if report.linearity:
         out += [

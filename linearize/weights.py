@@ -41,11 +41,16 @@ class ShardedWeights:
         # the model's name of a tensor built from several shard tensors (one per expert, or gate
         # and up apart) -> (transformers' WeightConverter, [(source pattern, shard key), ...])
         self.conversions: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
+        # A quantized source (linearize.quantization): a meta copy of the model as bound, whose
+        # parameters' dtypes the dequantize ops read; None for plain shards.
+        self.layout = None
 
-    def bind(self, model) -> None:
+    def bind(self, model, dequantizer=None) -> None:
         """Learn the model's names for the shards' tensors, the way transformers renames and
         converts them on load (legacy names such as GPT-NeoX's `embed_out`, a missing base-model
-        prefix, MoE experts stored one tensor per expert that the model holds fused)."""
+        prefix, MoE experts stored one tensor per expert that the model holds fused). With a
+        `dequantizer` (transformers' quantizer in dequantize mode), quantized tensors and their
+        scales convert into the plain tensors a resident load holds."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
@@ -54,7 +59,11 @@ class ShardedWeights:
             rename_source_key,
         )
 
-        transforms = get_model_conversion_mapping(model)
+        transforms = get_model_conversion_mapping(model, hf_quantizer=dequantizer)
+        if dequantizer is not None:
+            from copy import deepcopy
+
+            self.layout = deepcopy(model)  # on meta: no memory; the model's surgery leaves it
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
@@ -100,7 +109,12 @@ class ShardedWeights:
         """{key: tensor} for `keys`, grouped by file; every handle is closed on return. A key
         the model holds converted (fused experts) is built from its shard tensors."""
         keys = list(keys)
-        converted = [k for k in keys if k not in self.entries and k in self.conversions]
+        # A quantized source stores some tensors under the model's own name (an FP8 weight next
+        # to its scale): those convert too.
+        dequantizing = self.layout is not None
+        converted = [
+            k for k in keys if k in self.conversions and (dequantizing or k not in self.entries)
+        ]
         tensors = self._read_stored(k for k in keys if k not in converted)
         for key in converted:
             tensors[key] = self._read_converted(key)
@@ -115,7 +129,7 @@ class ShardedWeights:
         stored = self._read_stored(shard_key for _, shard_key in sources)
         for pattern, shard_key in sources:
             converter.add_tensor(key, shard_key, pattern, lambda t=stored.pop(shard_key): t)
-        built = converter.convert(key)
+        built = converter.convert(key, model=self.layout)
         if key not in built:
             raise ModelSourceError(
                 f"{self.directory}: converting {len(sources)} shard tensors gave "

@@ -303,6 +303,13 @@ def summary_markdown(job, report: dict[str, Any] | None) -> str:
                 f"| size | {_fmt_bytes(model.get('bytes_before'))} → "
                 f"{_fmt_bytes(model.get('bytes_after'))} |"
             )
+        quantized = model.get("source_quantization")
+        if quantized:
+            lines.append(
+                f"| quantized source | {quantized['scheme']} ({quantized['dtype']}), "
+                f"{_fmt_bytes(quantized['bytes'])} → {quantized.get('output_dtype') or '–'}, "
+                f"{_fmt_bytes(quantized.get('output_bytes'))} written dequantized |"
+            )
         lines += _behaviour_rows(report)
         for rule in (gate or {}).get("rules", []):
             verdict = "passed" if rule.get("passed") else "**failed**"

@@ -12,7 +12,7 @@ from api_schemas import CompressSpec, DataSpec
 from linearize import pipeline
 from linearize.architectures import decoder_layers, get_architecture
 from linearize.data import find_wikitext
-from linearize.errors import FoldError, UnsupportedArchitectureError
+from linearize.errors import FoldError
 from linearize.kinds import MixtureOfExperts
 from linearize.surgery import AffineMap, OutputFold, fold_and_remove, remove_layers
 from linearize.weights import ShardedWeights
@@ -262,12 +262,3 @@ def test_streamed_moe_equals_resident(family, expert_key, data, tmp_path):
     assert sp.baseline == pytest.approx(rp.baseline, rel=1e-4)
     assert sp.compressed == pytest.approx(rp.compressed, rel=1e-4)
     assert sp.validation_reloaded == pytest.approx(sp.validation_compressed, rel=1e-5)
-
-
-def test_a_quantized_source_is_refused_naming_its_quantization(data, tmp_path):
-    source = save_tiny_model("mixtral", tmp_path / "m")
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (source / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedArchitectureError, match="quant_method='fp8'"):
-        compress(source, data, tmp_path / "o")

@@ -37,11 +37,15 @@ def tiny_llama(tmp_path_factory):
 def planted_mixture(monkeypatch, tmp_path):
     """A built mixture in a fresh cache: two parts of distinct text."""
     monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "cache"))
-    root = Path(__file__).resolve().parents[1]
+    # Python sources of the interpreter the tests run on: fixed text that no edit of the
+    # project's own files moves (none is a source the mixture or the evaluation texts use).
+    import difflib
+    import json as json_module
+
     directory = mixture.mixture_dir()
     directory.mkdir(parents=True)
-    (directory / "heal.txt").write_text((root / "README.md").read_text() * 4)
-    (directory / "heldout.txt").write_text((root / "BENCHMARKS.md").read_text() * 2)
+    (directory / "heal.txt").write_text(Path(json_module.decoder.__file__).read_text() * 8)
+    (directory / "heldout.txt").write_text(Path(difflib.__file__).read_text())
     return directory
 
 
@@ -285,3 +289,32 @@ def test_mixture_rebuilds_offline_from_the_setup_packages_to_the_manifest_hashes
     committed = json.loads(mixture.MANIFEST_PATH.read_text())
     assert mixture.differences(built, committed) == []
     assert (tmp_path / "heal.txt").stat().st_size == committed["files"]["heal"]["bytes"]
+
+
+def test_auto_that_picks_the_fit_reuses_its_trial_maps_instead_of_a_second_fit_pass(
+    planted_mixture, tiny_llama, tmp_path, monkeypatch
+):
+    from linearize import auto as auto_module
+    from linearize import fitting
+
+    passes = []
+    real_fit_pass = fitting.fit_pass
+
+    def counted_fit_pass(*args, **kwargs):
+        passes.append(args[2])  # the spans fitted
+        return real_fit_pass(*args, **kwargs)
+
+    def calibration_like_windows(tokenizer, spec):  # where the fit, fitted on it, measures better
+        ids = tokenizer(find_wikitext().read_text()[:20000])["input_ids"][: 4 * spec.seq_len]
+        return torch.tensor(ids).view(4, spec.seq_len)
+
+    monkeypatch.setattr(fitting, "fit_pass", counted_fit_pass)
+    monkeypatch.setattr(auto_module, "choice_windows", calibration_like_windows)
+    auto = pipeline.run(tiny_spec(tiny_llama, heal_steps=0), output_dir=tmp_path / "auto")
+    assert auto.selection["method_choice"]["picked"] == "fit"
+    assert len(passes) == 1  # the trial's; the job's replacement took its maps
+    passes.clear()
+    fit = pipeline.run(tiny_spec(tiny_llama, heal_steps=0, method="fit"), output_dir=tmp_path / "f")
+    assert len(passes) == 1
+    assert auto.replaced_layers == fit.replaced_layers
+    assert auto.perplexity.compressed == fit.perplexity.compressed  # the same maps, bit for bit

@@ -921,6 +921,13 @@ function reportView(job, rep, artifacts, events) {
   }
   if (rep.gate) summary.push(stat("gate", rep.gate.passed ? "passed" : "failed", "summary-gate"));
   if (m.checkpoint_bytes != null) summary.push(stat("checkpoint", bytes(m.checkpoint_bytes)));
+  // A quantized source is read and written dequantized: its size on disk next to the output's.
+  const q = m.source_quantization;
+  if (q) {
+    summary.push(
+      stat("quantized source", `${q.scheme}, ${bytes(q.bytes)} → ${q.output_dtype || "–"}, ${bytes(q.output_bytes)}`),
+    );
+  }
   if (rep.throughput?.tokens_per_s_after != null) {
     summary.push(
       stat(
