@@ -252,6 +252,20 @@ class Execution(_Model):
         ..., description="Peak GPU memory allocated (CUDA), else the process's peak RSS."
     )
     spilled_caches: int = Field(0, description="Activation caches written to disk.")
+    planned_peak_bytes: int | None = Field(
+        None, description="The memory plan's total: what the engine plans to hold at most."
+    )
+    memory_plan: dict[str, int] = Field(
+        default_factory=dict,
+        description="The memory plan's items (weights held, statistics, logits, healing state, "
+        "activation caches, ...) in bytes; they sum to planned_peak_bytes.",
+    )
+    start_memory_bytes: int | None = Field(
+        None,
+        description="The process's memory (as peak_memory_bytes measures it) once the "
+        "model's code was imported, before any weight was read: the peak minus this is what "
+        "the job added.",
+    )
 
 
 class Resumed(_Model):

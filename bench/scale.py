@@ -104,10 +104,16 @@ def main() -> None:
                 )  # fmt: skip
                 data = json.loads(report.read_text())
                 assert data["execution"]["mode"] == mode
+                execution = data["execution"]  # the memory plan beside the measured peak
                 row[mode] = {"peak_rss": peak, "wall_s": round(wall, 1),
+                             "planned_peak": execution.get("planned_peak_bytes"),
+                             "memory_plan": execution.get("memory_plan", {}),
+                             "start_rss": execution.get("start_memory_bytes"),
                              "ppl_increase": data["perplexity"]["increase_pct"],
                              "replaced": data["replaced_layers"]}  # fmt: skip
+                planned = (execution.get("planned_peak_bytes") or 0) / 2**20
                 print(f"{layers:3d} layers {mode:9s} peak {peak / 2**20:7.0f} MiB "
+                      f"(planned {planned:.0f} MiB) "
                       f"wall {wall:6.1f} s", flush=True)  # fmt: skip
             shutil_rm(model)
             rows.append(row)

@@ -60,6 +60,9 @@ def execution_info(job, stack) -> Execution:
         largest_layer_bytes=placement.largest_layer_bytes,
         peak_memory_bytes=peak_bytes(stack.device),
         spilled_caches=spill.spilled,
+        planned_peak_bytes=placement.plan.total if placement.plan else None,
+        memory_plan=dict(placement.plan.items) if placement.plan else {},
+        start_memory_bytes=placement.start_memory,
     )
 
 

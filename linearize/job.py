@@ -81,6 +81,7 @@ class Job:
                 streaming=self.spec.streaming,
                 memory_budget=self.spec.memory_budget,
                 activation_tokens=activation_tokens,
+                workload=self.workload(activation_tokens),
             )
         if self.placement is None:  # the job's model (a reload keeps the job's placement)
             self.placement = placement
@@ -120,18 +121,31 @@ class Job:
             self._spill = Spill(parent=cache.cache_dir() / "spill", host_budget=host, always=always)
         return self._spill
 
+    def workload(self, activation_tokens: int):
+        """What the memory plan sizes (linearize.memory_plan): the windows' length, the
+        hidden states the caches could hold (the passes' windows, and for healing the teacher
+        pass's three caches of the healing text, twice: the default healing text takes half of
+        the caches' room), and whether healing trains layers the job must keep."""
+        from linearize.memory_plan import Workload
+        from linearize.pipeline import DEFAULT_HEAL_TOKENS, healing_budget
+
+        spec = self.spec
+        heal = hasattr(spec, "heal_steps") and healing_budget(spec) is not None
+        heal_tokens = (spec.heal_tokens or DEFAULT_HEAL_TOKENS) if heal else 0
+        return Workload(
+            seq_len=spec.seq_len,
+            activation_tokens=activation_tokens + 6 * heal_tokens,
+            heal=heal,
+            kept_layers=1 if hasattr(spec, "heal_steps") else 0,
+            heal_loss=getattr(spec, "heal_loss", "mse"),
+        )
+
     def planner(self, stack):
-        """Activation caches go on the device while the budget lasts (after the weights)."""
+        """Activation caches go on the device while the memory plan's share for them lasts."""
         from linearize.activations import CachePlanner
 
         if self._planner is None:
-            p = self.placement
-            held = (
-                p.weight_bytes
-                if p.mode == "resident"
-                else p.trunk_bytes + 3 * p.largest_layer_bytes
-            )
-            free = max(0, int(p.budget_bytes * 0.75) - held)
+            free = self.placement.plan.cache_bytes
             self._planner = CachePlanner(stack.device, free, self.spill())
         return self._planner
 

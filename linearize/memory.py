@@ -1,9 +1,9 @@
 """Memory budgets: parse `--memory-budget`, see what a device has free, measure the peak.
 
 The budget bounds what the engine keeps on the compute device (the GPU, or host RAM when the
-device is the CPU): weights of the layers being run, the activation cache, statistics. `auto`
-is what the device has free when the job starts, minus a margin for the framework's own
-buffers and fragmentation.
+device is the CPU): everything the memory plan counts (linearize.memory_plan), weights, caches,
+statistics, logits, healing state. `auto` is what the device has free when the job starts,
+minus a margin for the framework's own buffers and fragmentation.
 """
 
 from __future__ import annotations
@@ -82,6 +82,27 @@ def peak_bytes(device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return peak_rss_bytes()
+
+
+def current_bytes(device) -> int:
+    """This process's memory on `device` now: CUDA's allocated bytes, else the resident set."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS:")
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss_bytes() -> int:

@@ -37,8 +37,6 @@ HEAL_BATCH = 1  # windows per healing step (linearize.healing.heal's default)
 # The default healing text at most: at 140 steps (k = 4) 64k tokens healed as well as 128k
 # (BENCHMARKS.md, issue 16), and their teacher pass is twice the analysis pass's 32k tokens.
 DEFAULT_HEAL_TOKENS = 65536
-# Bytes a trained layer needs besides its weights: gradients and Adam's two moments.
-TRAINING_FACTOR = 4
 
 
 def run(
@@ -512,6 +510,7 @@ def trial_stack(stack):
         device=stack.device,
         weights=stack.weights,
         batch_size=stack.batch_size,
+        head_step_rows=stack.head_step_rows,
     )
 
 
@@ -743,12 +742,9 @@ def healed_layers_that_fit(job: Job, stack) -> int:
     the budget beside the trunk (streamed); 0 trains the maps' carriers only."""
     from linearize.healing import NEIGHBOUR_LAYERS
 
-    placement = job.placement
     if not stack.streamed:
         return NEIGHBOUR_LAYERS
-    room = placement.budget_bytes - placement.trunk_bytes
-    per_layer = TRAINING_FACTOR * max(1, placement.largest_layer_bytes)
-    fits = min(NEIGHBOUR_LAYERS, room // per_layer)
+    fits = job.placement.plan.neighbours  # what the memory plan left room for
     if fits < NEIGHBOUR_LAYERS:
         job.notes.append(
             f"healing trains {fits} layer(s) after the cut instead of {NEIGHBOUR_LAYERS}: "
@@ -834,11 +830,10 @@ def save_and_verify(
 
 
 def shard_size(placement) -> int:
-    """Bytes per written shard: the writer holds one shard, so a streamed job's shards are
-    an eighth of its budget (16 MB to 2 GB); a resident job writes 200 MB shards."""
-    if placement.mode == "resident":
-        return 200 * 10**6
-    return max(16 * 2**20, min(2 * 2**30, placement.budget_bytes // 8))
+    """Bytes per written shard, as the memory plan counts them (linearize.memory_plan)."""
+    from linearize.memory_plan import shard_bytes
+
+    return shard_bytes(placement.budget_bytes, placement.mode == "streamed")
 
 
 def _check_reload(reloaded: float, in_memory: float) -> None:

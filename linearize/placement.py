@@ -3,8 +3,8 @@
 `open_stack` reads the checkpoint's shard headers (no tensor data), compares what the job would
 hold with everything resident against the budget, and then either loads the whole model (the
 regular transformers path) or builds a skeleton whose decoder layers stay in the shards until a
-pass needs them (linearize.stack). A budget too small for one decoder layer plus the trunk is
-refused before any work starts.
+pass needs them (linearize.stack). The memory plan (linearize.memory_plan) is made here too,
+before any tensor is read: a budget too small for the least the job needs is refused then.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linearize import quantization
-from linearize.errors import BudgetError, InputError, LinearizeError, ModelSourceError
+from linearize.errors import InputError, LinearizeError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,12 @@ class Placement:
     largest_layer_bytes: int
     trunk_bytes: int
     reason: str
+    head_bytes: int = 0
+    plan: object = None  # linearize.memory_plan.MemoryPlan
+    start_memory: int | None = None  # the process before any weight (memory.current_bytes)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "plan": self.plan.as_dict() if self.plan else None}
 
 
 def open_stack(
@@ -47,10 +50,12 @@ def open_stack(
     streaming: str = "auto",
     memory_budget: str | int = "auto",
     activation_tokens: int = 0,
+    workload=None,
 ):
-    """(LoadedModel with a `.stack`, Placement) for any supported model source."""
+    """(LoadedModel with a `.stack`, Placement) for any supported model source. `workload`
+    (linearize.memory_plan.Workload) sizes the memory plan; the stack follows it."""
     from linearize.loading import load_model, resolve_device
-    from linearize.memory import resolve_budget
+    from linearize.memory import current_bytes, resolve_budget
 
     if streaming not in STREAMING_MODES:
         raise InputError(f"--streaming must be one of {', '.join(STREAMING_MODES)}")
@@ -58,16 +63,76 @@ def open_stack(
     budget = resolve_budget(memory_budget, device)
     directory, prefix = weights_directory(source, dtype=dtype, use_cache=use_cache)
     sizes = checkpoint_sizes(directory, prefix, dtype)
+    start = current_bytes(device)  # the model's code is imported, no weight is read yet
     activation_bytes = activation_tokens * sizes["hidden"] * sizes["itemsize"]
     placement = choose(streaming, budget, sizes, activation_bytes)
+    if streaming == "auto" and placement.mode == "resident":
+        placement = stream_unless_planned(placement, sizes, workload)
+    placement.plan = make_plan(placement, sizes, workload)
+    placement.start_memory = start
     log.info("placement: %s (%s)", placement.mode, placement.reason)
     if placement.mode == "resident":
         loaded = load_model(source, dtype=dtype, device=device, use_cache=use_cache)
         loaded.stack = _resident_stack(loaded.model, device)
     else:
         loaded = _open_streamed(source, directory, prefix, dtype, device)
+    follow_plan(loaded.stack, placement.plan)
     loaded.source_quantization = quantization.describe(directory, prefix)
     return loaded, placement
+
+
+def stream_unless_planned(placement: Placement, sizes: dict, workload) -> Placement:
+    """Resident only when the memory plan's least with every layer in memory fits too."""
+    from linearize.memory import format_size
+    from linearize.memory_plan import least_plan
+
+    least = least_plan(model_shape(sizes), _work(sizes, workload), placement.budget_bytes, False)
+    if least.total <= placement.budget_bytes:
+        return placement
+    placement.mode = "streamed"
+    placement.reason = (
+        f"the memory plan with every layer resident ({format_size(least.total)}) exceeds the budget"
+    )
+    return placement
+
+
+def _work(sizes: dict, workload):
+    from linearize.memory_plan import Workload
+
+    return workload or Workload(seq_len=sizes["max_positions"], activation_tokens=0)
+
+
+def make_plan(placement: Placement, sizes: dict, workload):
+    """The memory plan of this placement (refuses a streamed job whose least does not fit)."""
+    from linearize.memory_plan import plan_memory
+
+    streamed = placement.mode == "streamed"
+    return plan_memory(model_shape(sizes), _work(sizes, workload), placement.budget_bytes,
+                       streamed=streamed)  # fmt: skip
+
+
+def model_shape(sizes: dict):
+    """The memory plan's view of checkpoint_sizes."""
+    from linearize.memory_plan import ModelShape
+
+    return ModelShape(
+        hidden=sizes["hidden"],
+        ffn=sizes["ffn"],
+        heads=sizes["heads"],
+        vocab=sizes["vocab"],
+        itemsize=sizes["itemsize"],
+        weight_bytes=sizes["total"],
+        largest_layer_bytes=sizes["largest_layer"],
+        trunk_bytes=sizes["trunk"],
+        head_bytes=sizes["head"],
+        carrier_bytes=sizes["carriers"],
+    )
+
+
+def follow_plan(stack, plan) -> None:
+    """The batch size and head step the plan chose."""
+    stack.batch_size = plan.batch_size
+    stack.head_step_rows = plan.head_rows
 
 
 def choose(streaming: str, budget: int, sizes: dict, activation_bytes: int) -> Placement:
@@ -78,18 +143,12 @@ def choose(streaming: str, budget: int, sizes: dict, activation_bytes: int) -> P
             weight_bytes=sizes["total"],
             largest_layer_bytes=sizes["largest_layer"],
             trunk_bytes=sizes["trunk"],
+            head_bytes=sizes["head"],
             reason=reason,
         )
 
     from linearize.memory import format_size
 
-    floor = sizes["trunk"] + sizes["largest_layer"] + sizes["head"]
-    if streaming != "off" and budget < floor:
-        raise BudgetError(
-            f"the memory budget {format_size(budget)} is smaller than one decoder layer "
-            f"({format_size(sizes['largest_layer'])}) plus the embeddings, final norm and LM head "
-            f"({format_size(sizes['trunk'] + sizes['head'])}); give at least {format_size(floor)}"
-        )
     need = sizes["total"] + activation_bytes
     fits = need <= budget * (1 - WORKING_MARGIN)
     if streaming == "on":
@@ -141,14 +200,33 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
     if target is None:
         target = quantization.compute_dtype(config) if dequantizer else _checkpoint_dtype(weights)
     itemsize = target.itemsize
+    largest = max(per_layer, default=0)
     return {
         "hidden": hidden_size(config),
         "itemsize": itemsize,
         "total": sum(per_layer) + trunk + head,
-        "largest_layer": max(per_layer, default=0),
+        "largest_layer": largest,
         "trunk": trunk,
         "head": head,
+        **config_shape(config, itemsize, largest),
     }
+
+
+def config_shape(config, itemsize: int, largest_layer: int) -> dict:
+    """What the memory plan reads from the config: MLP width, heads, vocabulary, positions,
+    and the bytes healing trains in the fold target (its attention output and MLP down
+    projections; for experts a third of the layer, which bounds them from above)."""
+    from linearize.architectures import hidden_size, layer_config
+
+    text = layer_config(config)
+    d = hidden_size(config)
+    ffn = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * d
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 1
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or 1
+    positions = getattr(text, "max_position_embeddings", None) or 2048
+    carriers = max((d * d + d * ffn) * itemsize, largest_layer // 3)
+    return {"ffn": ffn, "heads": heads, "vocab": vocab, "max_positions": positions,
+            "carriers": min(carriers, largest_layer)}  # fmt: skip
 
 
 _FLOAT_NAMES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}

@@ -112,7 +112,7 @@ def summary_lines(report: Report) -> list[str]:
     if e is not None:
         lines.append(
             f"execution  {e.mode} on {e.device}, budget {_size(e.memory_budget_bytes)}, "
-            f"peak {_size(e.peak_memory_bytes)}"
+            f"{memory_text(e)}"
             + (
                 f", {e.spilled_caches} activation caches spilled to disk"
                 if e.spilled_caches
@@ -292,6 +292,37 @@ def curve_table(report: Report) -> list[str]:
     return out
 
 
+def memory_text(e) -> str:
+    """'planned P, peak M (A over the process at start)': the plan beside the measurement;
+    the start is the process with the model's code imported, before any weight was read."""
+    text = f"peak {_size(e.peak_memory_bytes)}"
+    if e.start_memory_bytes is not None:
+        added = e.peak_memory_bytes - e.start_memory_bytes
+        text += f" ({_size(added)} over the process at start)"
+    if e.planned_peak_bytes is not None:
+        text = f"planned {_size(e.planned_peak_bytes)}, {text}"
+    return text
+
+
+def render_memory_plan(e) -> list[str]:
+    """The memory plan's items and total beside the measured peak (report.md)."""
+    if not e.memory_plan:
+        return []
+    rows = [f"| {name} | {_size(size)} |" for name, size in e.memory_plan.items()]
+    measured = f"| **measured peak** | {_size(e.peak_memory_bytes)} |"
+    if e.start_memory_bytes is not None:
+        added = e.peak_memory_bytes - e.start_memory_bytes
+        measured += f"\n| **measured peak minus the process at start** | {_size(added)} |"
+    return [
+        "| memory plan | bytes |",
+        "|---|---|",
+        *rows,
+        f"| **planned peak (total)** | {_size(e.planned_peak_bytes)} |",
+        measured,
+        "",
+    ]
+
+
 def render_curve(report: Report) -> list[str]:
     if not report.curve:
         return []
@@ -413,6 +444,7 @@ def render_markdown(report: Report, plots: list[str] = ()) -> str:
             f"{'GPU memory allocated' if e.device.startswith('cuda') else 'resident set (RSS)'} "
             f"{_size(e.peak_memory_bytes)}; activation caches spilled to disk: {e.spilled_caches}.",
             "",
+            *render_memory_plan(e),
         ]
     if report.notes:
         out += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]

@@ -65,6 +65,7 @@ class LayerStack:
     device: torch.device
     weights: object | None = None  # ShardedWeights when streamed; None when resident
     batch_size: int = 4
+    head_step_rows: int | None = None  # positions per head step (the memory plan's), else bytes
     current: tuple[str, slice] | None = None  # (stream, rows) of the batch being run
     _calls: dict = field(default_factory=dict, repr=False)
 
@@ -189,7 +190,10 @@ class LayerStack:
         return logits
 
     def head_rows(self, vocab: int) -> int:
-        """Token positions per head step so that a step's logits stay under HEAD_CHUNK_BYTES."""
+        """Token positions per head step: the memory plan's, else what keeps a step's logits
+        under HEAD_CHUNK_BYTES."""
+        if self.head_step_rows:
+            return self.head_step_rows
         return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
 
     @contextlib.contextmanager

@@ -100,7 +100,9 @@ def test_bundled_model_streamed_gives_the_resident_result(report_and_dir, tmp_pa
     from linearize import pipeline
 
     resident, _ = report_and_dir
-    spec = bundled_spec(wikitext_path, streaming="on", memory_budget="200MB")
+    # 400 MB: the memory plan counts the 113 MB embeddings, the statistics, the logits and the
+    # healing state too; its least for this model is 320 MiB at this budget (200 MB is refused).
+    spec = bundled_spec(wikitext_path, streaming="on", memory_budget="400MB")
     streamed = pipeline.run(spec, output_dir=tmp_path / "s")
     assert streamed.execution.mode == "streamed" and resident.execution.mode == "resident"
     assert streamed.throughput is None  # two models are not timed on a streamed budget

@@ -335,12 +335,25 @@ def test_default_healing_text_is_what_the_step_cap_can_draw(tiny_llama, data, tm
     assert healing["teacher_cache"] == "device"
 
 
+def resident_budget_without_caches(model_dir) -> str:
+    """The memory plan of the model resident with no room for an activation cache, plus 64 KB
+    (less than any healing text's caches): every cache beyond it spills."""
+    from linearize.memory_plan import Workload, plan_memory
+    from linearize.placement import checkpoint_sizes, model_shape
+
+    shape = model_shape(checkpoint_sizes(model_dir, "model", "auto"))
+    plan = plan_memory(shape, Workload(seq_len=128, activation_tokens=0, heal=True), 0,
+                       streamed=False)  # fmt: skip
+    return str(plan.total + 64 * 1024)
+
+
 def test_healing_text_over_the_memory_budget_spills_and_is_removed(tiny_llama, data, tmp_path):
     from linearize import cache
 
     spill = cache.cache_dir() / "spill"
+    budget = resident_budget_without_caches(tiny_llama)
     report = pipeline.run(
-        compress_spec(tiny_llama, data, layers=2, heal_tokens=8192, memory_budget="1MB"),
+        compress_spec(tiny_llama, data, layers=2, heal_tokens=8192, memory_budget=budget),
         output_dir=tmp_path / "o",
     )
     healing = report.selection["healing"]
@@ -349,7 +362,7 @@ def test_healing_text_over_the_memory_budget_spills_and_is_removed(tiny_llama, d
     assert not spill.exists() or not any(spill.rglob("*.bin")), "spill files left behind"
     # The default under the same budget keeps the teacher off the disk: the fit windows.
     default = pipeline.run(
-        compress_spec(tiny_llama, data, layers=2, memory_budget="1MB"), output_dir=tmp_path / "d"
+        compress_spec(tiny_llama, data, layers=2, memory_budget=budget), output_dir=tmp_path / "d"
     )
     assert default.selection["healing"]["heal_windows"] == 12
     assert any("would not fit the memory budget" in note for note in default.notes)
