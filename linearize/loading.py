@@ -195,6 +195,11 @@ def _from_pretrained(where: str, dtype: str):
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False)
         quantization.refuse_unsupported(config, where)
+        if quantization.method_of(config) == "fp8" and Path(where).is_dir():
+            from linearize.weights import ShardedWeights
+
+            shapes = {k: e.shape for k, e in ShardedWeights.open(where).entries.items()}
+            quantization.refuse_partial_blocks(config, shapes, where)
         dequantizing = quantization.dequantizing_config(config)
         return model_class(config).from_pretrained(
             where,

@@ -174,6 +174,9 @@ def checkpoint_sizes(directory: Path, prefix: str, dtype: str) -> dict:
     weights = ShardedWeights.open(directory, prefix)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     quantization.refuse_unsupported(config, directory)
+    quantization.refuse_partial_blocks(
+        config, {key: entry.shape for key, entry in weights.entries.items()}, directory
+    )
     get_architecture(config)  # an unsupported family is refused before the skeleton is built
     dequantizer = quantization.take_dequantizer(config)
     skeleton = _skeleton(config)

@@ -49,6 +49,28 @@ def refuse_unsupported(config, where) -> None:
     )
 
 
+def refuse_partial_blocks(config, shapes: dict, where) -> None:
+    """Refuse, before any weight is read, an FP8 source whose weight is not a whole number of
+    its scale blocks: transformers' dequantize (which both loads use) divides the weight by its
+    scale grid and stops with a traceback mid-load otherwise. `shapes`: stored name -> shape,
+    from the shard headers."""
+    if method_of(config) != "fp8":
+        return
+    for key, scale in shapes.items():
+        weight = shapes.get(key.removesuffix("_scale_inv")) if key.endswith("_scale_inv") else None
+        if weight is None or len(scale) < 2 or len(weight) < 2:
+            continue
+        (rows, cols), (grid_rows, grid_cols) = weight[-2:], scale[-2:]
+        if rows % grid_rows or cols % grid_cols:
+            raise UnsupportedQuantizationError(
+                f"{where}: {key.removesuffix('_scale_inv')} ({rows}x{cols}) is not a whole "
+                f"number of its FP8 scale blocks (grid {grid_rows}x{grid_cols}), which "
+                "transformers' dequantize needs: dequantize this source where its kernels run "
+                "(load it with transformers and save_pretrained in bfloat16), then compress "
+                "that copy"
+            )
+
+
 def dequantizing_config(config):
     """transformers' quantization config of the source with `dequantize=True`, for
     `from_pretrained(quantization_config=...)`; None for a plain source."""

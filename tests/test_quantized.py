@@ -185,3 +185,22 @@ def test_a_quantization_that_cannot_be_dequantized_is_refused_in_one_line(method
     assert len(error.splitlines()) == 1 and "Traceback" not in error
     assert f"quant_method={method!r}" in error and "dequantize it first" in error
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_an_fp8_weight_that_is_not_whole_blocks_is_refused_in_one_line(streaming, tmp_path):
+    """transformers' dequantize needs whole blocks; a scale grid that does not divide its weight
+    is refused before any weight is read, resident and streamed alike, naming the tensor."""
+    from safetensors.torch import save_file
+
+    source, _ = save_fp8_model(tmp_path / "m")
+    state = load_file(source / "model.safetensors")
+    key = "model.layers.1.self_attn.q_proj.weight_scale_inv"
+    rows, cols = state[key.removesuffix("_scale_inv")].shape
+    state[key] = torch.ones(3, state[key].shape[1])  # 3 row blocks cannot tile the rows
+    assert rows % 3
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    expected = f"q_proj.weight \\({rows}x{cols}\\) is not a whole number of its FP8 scale blocks"
+    with pytest.raises(UnsupportedQuantizationError, match=expected) as caught:
+        open_stack(str(source), streaming=streaming, memory_budget="4GB")
+    assert len(str(caught.value).splitlines()) == 1
