@@ -111,6 +111,11 @@ def test_serve_compresses_the_bundled_model_on_redis(tmp_path, shared_redis):
                 "seq_len": 512,
                 "format": "standard",
                 "heal_tokens": 1536,  # the fit windows: no minute-long teacher pass over 64k
+                # The service path is under test here, not the quality: one method (auto would
+                # try both), 5 healing steps instead of the 60 s default, no generation check.
+                "method": "fit",
+                "heal_steps": 5,
+                "generation_prompts": 0,
             }
             too_many = http.post("/v1/jobs", json={**body, "layers": 40}, headers=auth)
             assert too_many.status_code == 422 and "at most L - 2 = 28" in too_many.text
