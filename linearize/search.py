@@ -33,6 +33,10 @@ from linearize.errors import InputError
 log = logging.getLogger(__name__)
 
 PROBE_PATIENCE = 2  # unhealed failures in a row that end the bracket
+# Budgets whose maps one fit pass collects: a fit pass runs the original model through the
+# chosen layers whatever their number, so the bracket's usual reach (up to 2 past the answer)
+# costs one pass instead of one per probe. A span's statistics are a few d x d matrices.
+FIT_BATCH = 4
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -321,6 +325,13 @@ class Trials:
         self.points: list = [] if points is None else points  # shared by both methods' trials
         self.healing: dict[int, dict] = {}  # k -> the healing record of its healed trial
         self._stacks: dict[tuple[int, bool], object] = {}
+        self._maps: dict[int, dict] = {}  # k -> the fitted maps of choose(k), shared by trials
+
+    @property
+    def max_k(self) -> int:
+        from linearize.selection import max_budget
+
+        return max_budget(self.n_layers)
 
     @property
     def method(self) -> str:
@@ -350,6 +361,7 @@ class Trials:
 
         start = time.perf_counter()
         indices = self.choose(k)
+        self._hand_over_maps(k, indices)
         trial = trial_stack(self.stack)
         if healed:
             self.healing[k] = self._replace_and_heal(trial, indices)
@@ -364,6 +376,35 @@ class Trials:
             f"validation perplexity, {'passed' if point.passed else 'failed'}",
         )
         return point.passed
+
+    def _hand_over_maps(self, k: int, indices: list[int]) -> None:
+        """Leave choose(k)'s fitted maps where the trial's replacement takes them
+        (job.fitted_maps), fitting them with the next budgets' in one pass when not known yet:
+        every trial fits the same unchanged model, so an unhealed probe and a healed trial of
+        one k, and the probes of neighbouring k, share their statistics."""
+        if self.method == "remove":
+            return  # a removal fits nothing
+        if k not in self._maps:
+            self._fit_batch(k)
+        self.job.fitted_maps[tuple(indices)] = self._maps[k]
+
+    def _fit_batch(self, k: int) -> None:
+        from linearize.fitting import fit_pass, fit_spans
+        from linearize.selection import contiguous_spans
+
+        job, stack = self.job, self.stack
+        wanted = [b for b in range(k, min(k + FIT_BATCH, self.max_k + 1)) if b not in self._maps]
+        spans = {b: contiguous_spans(self.choose(b)) for b in wanted}
+        union = sorted({span for b in wanted for span in spans[b]})
+        sets = {"fit": self.windows.fit}
+        fmt = job.spec.format
+        with job.timed("fit"), job.pass_stage("fit", stack, sets, f"k = {wanted}") as st:
+            stats, _, _ = fit_pass(stack, job.planner(stack), union, fmt, self.windows.fit, stage=st)
+            maps = fit_spans(stack.model, stats, fmt=fmt)
+        for b in wanted:
+            self._maps[b] = {span: maps[span] for span in spans[b]}
+        for old in sorted(self._maps, key=lambda b: abs(b - k))[2 * FIT_BATCH :]:
+            del self._maps[old]  # bounded: the bracket and its confirmations stay near k
 
     def _replace_and_heal(self, trial, indices: list[int]) -> dict:
         from linearize.pipeline import (

@@ -155,10 +155,19 @@ def test_max_layers_publishes_the_largest_passing_healed_k_with_its_curve(
     tiny_llama, data, tmp_path, monkeypatch
 ):
     import linearize.analysis
+    import linearize.fitting
     import linearize.search
 
     analyses = count_calls(monkeypatch, linearize.analysis, "measure_layers")
     references = count_calls(monkeypatch, linearize.search, "validation_reference")
+    fitted_spans = []
+    real_fit_pass = linearize.fitting.fit_pass
+
+    def fit_pass(stack, planner, spans, *args, **kw):
+        fitted_spans.append(list(spans))  # [] for a teacher-only pass
+        return real_fit_pass(stack, planner, spans, *args, **kw)
+
+    monkeypatch.setattr(linearize.fitting, "fit_pass", fit_pass)
     spec = CompressSpec(
         model=str(tiny_llama),
         data=data,
@@ -172,6 +181,10 @@ def test_max_layers_publishes_the_largest_passing_healed_k_with_its_curve(
     assert analyses == ["measure_layers"], "one baseline and analysis pass for every trial"
     assert references == ["validation_reference"], "one reference pass for every trial"
     curve = report.curve
+    # Every trial's k lies in 1..4 (FIT_BATCH): one fit pass fitted them all, probes and
+    # healed trials alike (the healed trials' own passes collect only the teacher).
+    assert max(p.k for p in curve) <= linearize.search.FIT_BATCH
+    assert len([spans for spans in fitted_spans if spans]) == 1
     assert len(curve) == report.selection["trials"] >= 2
     chosen = [p for p in curve if p.chosen]
     assert len(chosen) == 1 and chosen[0].healed and chosen[0].passed
