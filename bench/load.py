@@ -46,6 +46,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 KEY = "bench-key"
+METRICS_KEY = "bench-metrics"
+ROUTES = {"submit": ("POST", "/v1/jobs"), "status": ("GET", "/v1/jobs/{job_id}")}
 
 
 def free_port() -> int:
@@ -81,6 +83,7 @@ class Service:
             "LINEARIZE_BROKER_URL": redis_url,
             "LINEARIZE_MODEL_ROOTS": str(model_root),
             "LINEARIZE_API_KEYS": f"bench:{KEY}",
+            "LINEARIZE_METRICS_KEY": METRICS_KEY,
             "LINEARIZE_JOB_QUEUE": queue,
             "LINEARIZE_WEBHOOK_QUEUE": f"{queue}.webhooks",
             "LINEARIZE_TENANT_MAX_QUEUED": "100000",
@@ -232,10 +235,45 @@ def phase_throughput(url: str, dataset_id: str, jobs: int, clients: int, timeout
     }
 
 
+def server_buckets(url: str) -> dict[str, dict[float, float]]:
+    """The API's own latency histogram (/metrics): route -> {upper bound s: cumulative count}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=30
+    ).text
+    buckets: dict[str, dict[float, float]] = {name: {} for name in ROUTES}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            labels = sample.labels
+            for name, (method, route) in ROUTES.items():
+                if (labels.get("method"), labels.get("route")) == (method, route):
+                    bound = float(labels["le"])
+                    buckets[name][bound] = buckets[name].get(bound, 0.0) + sample.value
+    return buckets
+
+
+def server_p99_bound_ms(before: dict, after: dict) -> dict:
+    """Per route, the histogram bucket that holds the server-side p99 of the phase (the time
+    from the request reaching the app to its response): an upper bound, in ms."""
+    bounds = {}
+    for name in ROUTES:
+        delta = {b: after[name].get(b, 0.0) - before[name].get(b, 0.0) for b in after[name]}
+        total = delta.get(float("inf"), 0.0)
+        if not total:
+            continue
+        bound = min(b for b, n in delta.items() if n >= 0.99 * total)
+        bounds[f"server_{name}_p99_at_most_ms"] = bound * 1000 if bound != float("inf") else None
+    return bounds
+
+
 async def phase_latency(
-    url: str, dataset_id: str, clients: int, rounds: int, think_s: float
+    url: str, dataset_id: str, clients: int, rounds: int, think_s: float, warmup: int
 ) -> tuple[dict, list[str]]:
     headers = {"Authorization": f"Bearer {KEY}"}
+    first_ms: list[float] = []  # each client's warm-up submits (new connection, cold paths)
     submit_ms: list[float] = []
     status_ms: list[float] = []
     errors = 0
@@ -246,10 +284,14 @@ async def phase_latency(
         async def one_client(index: int) -> None:
             nonlocal errors
             await asyncio.sleep(think_s * index / clients)  # spread the first requests
-            for _ in range(rounds):
+            for round_ in range(-warmup, rounds):
+                timed = round_ >= 0  # warm-up rounds open the connections and are not counted
                 t0 = time.perf_counter()
                 response = await http.post("/v1/jobs", json=tiny_job(dataset_id))
-                submit_ms.append(1000 * (time.perf_counter() - t0))
+                if timed:
+                    submit_ms.append(1000 * (time.perf_counter() - t0))
+                else:
+                    first_ms.append(1000 * (time.perf_counter() - t0))
                 if response.status_code != 202:
                     errors += 1
                     continue
@@ -258,7 +300,8 @@ async def phase_latency(
                 await asyncio.sleep(think_s)
                 t0 = time.perf_counter()
                 response = await http.get(f"/v1/jobs/{job_id}")
-                status_ms.append(1000 * (time.perf_counter() - t0))
+                if timed:
+                    status_ms.append(1000 * (time.perf_counter() - t0))
                 errors += response.status_code != 200
                 await asyncio.sleep(think_s)
 
@@ -272,6 +315,8 @@ async def phase_latency(
         "requests": requests,
         "errors": errors,
         "req_per_s": round(requests / elapsed, 1),
+        "warmup_rounds": warmup,
+        "warmup_submit_max_ms": round(max(first_ms), 1) if first_ms else None,
         "submit_p50_ms": round(statistics.median(submit_ms), 1),
         "submit_p99_ms": round(percentile(submit_ms, 99), 1),
         "status_p50_ms": round(statistics.median(status_ms), 1),
@@ -362,6 +407,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--latency-clients", type=int, default=50)
     parser.add_argument("--latency-rounds", type=int, default=20)
+    parser.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="untimed rounds per client first: the steady state of clients that keep their "
+        "connection (the slowest warm-up submit is reported beside)",
+    )
     parser.add_argument("--think-ms", type=float, default=500.0)
     parser.add_argument("--worker-concurrency", type=int, default=2)
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn processes")
@@ -429,11 +481,18 @@ def main() -> int:
                 service.stop(f"worker-{index}")
             created: list[str] = []
             for think in () if args.no_latency else (args.think_ms / 1000, 0.0):
+                before = server_buckets(service.url)
                 result, ids = asyncio.run(
                     phase_latency(
-                        service.url, dataset_id, args.latency_clients, args.latency_rounds, think
+                        service.url,
+                        dataset_id,
+                        args.latency_clients,
+                        args.latency_rounds,
+                        think,
+                        args.warmup_rounds,
                     )
                 )
+                result.update(server_p99_bound_ms(before, server_buckets(service.url)))
                 result["pacing"] = "paced" if think else "closed"
                 latency.append(result)
                 created += ids

@@ -47,7 +47,16 @@ def _text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
-def estimate_needs(spec: object, model_dir: Path) -> JobNeeds | None:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate reads from a model's files (the spec supplies the rest)."""
+
+    weights_bytes: int
+    hidden: int
+    vocab: int
+
+
+def model_facts(model_dir: Path) -> ModelFacts | None:
     """None when the model is not a local safetensors directory with a readable config."""
     config_path = model_dir / "config.json"
     if not model_dir.is_dir() or not config_path.is_file():
@@ -58,8 +67,20 @@ def estimate_needs(spec: object, model_dir: Path) -> JobNeeds | None:
         hidden, vocab = int(text["hidden_size"]), int(text["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    weights = weights_bytes(model_dir, config)
-    return needs_from(spec, weights_bytes=weights, hidden=hidden, vocab=vocab)
+    return ModelFacts(weights_bytes(model_dir, config), hidden, vocab)
+
+
+def estimate_needs(
+    spec: object, model_dir: Path, facts: ModelFacts | None = None
+) -> JobNeeds | None:
+    """None when the model is not a local safetensors directory with a readable config.
+    `facts`: the model's, when the caller has read them already."""
+    facts = facts or model_facts(model_dir)
+    if facts is None:
+        return None
+    return needs_from(
+        spec, weights_bytes=facts.weights_bytes, hidden=facts.hidden, vocab=facts.vocab
+    )
 
 
 # Quantized formats the engine reads dequantized (linearize.quantization), and the compute dtypes

@@ -658,13 +658,24 @@ class Store:
 
     # Reconciler ----------------------------------------------------------------------------
 
-    def queued_jobs(self, *, limit: int = 1000) -> list[JobRow]:
+    def queued_to_reconcile(
+        self, sent_before: datetime, *, limit: int = 1000
+    ) -> tuple[list[str], list[str]]:
+        """Ids of the queued jobs the reconciler looks at: (never sent to the broker, sent
+        before `sent_before`). Jobs sent since are in flight and are not read at all: the pass
+        runs in every API process, beside its requests, so it reads two columns, not rows."""
         with self.session() as s:
-            return list(
-                s.scalars(
-                    select(JobRow).where(JobRow.status == "queued").order_by(JobRow.id).limit(limit)
-                ).all()
-            )
+            rows = s.execute(
+                select(JobRow.id, JobRow.enqueued_at)
+                .where(
+                    JobRow.status == "queued",
+                    (JobRow.enqueued_at.is_(None)) | (JobRow.enqueued_at < sent_before),
+                )
+                .order_by(JobRow.id)
+                .limit(limit)
+            ).all()
+        never_sent = [job_id for job_id, sent in rows if sent is None]
+        return never_sent, [job_id for job_id, sent in rows if sent is not None]
 
     def requeue_expired_leases(
         self, now: datetime | None = None, finished: list[str] | None = None

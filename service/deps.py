@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated
 
+from cachetools import TTLCache
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -14,6 +17,8 @@ from infra.store import Store
 from service.auth import tenant_for_key
 from service.broker import Broker
 
+LOOKUP_TTL_S = 2.0
+
 
 @dataclass
 class AppState:
@@ -22,6 +27,25 @@ class AppState:
     broker: Broker
     key_hashes: dict[str, str]
     artifacts: ArtifactStore
+    # What every submit checks and that changes rarely (a model's files, a tenant's dataset,
+    # the live workers): read once per LOOKUP_TTL_S, not once per request. Each read is a
+    # query or a directory listing, and at 50 clients they were a third of a submit's work.
+    _lookups: TTLCache = field(
+        default_factory=lambda: TTLCache(maxsize=4096, ttl=LOOKUP_TTL_S), repr=False
+    )
+    _lookups_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def recent(self, key: tuple, read: Callable[[], object]) -> object:
+        """read(), or its value from the last LOOKUP_TTL_S; None and errors are not kept (a
+        dataset uploaded a moment ago must be found by the next submit)."""
+        with self._lookups_lock:
+            if key in self._lookups:
+                return self._lookups[key]
+        value = read()
+        if value is not None:
+            with self._lookups_lock:
+                self._lookups[key] = value
+        return value
 
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a sync dependency in the thread

@@ -7,6 +7,7 @@ import time
 from contextlib import asynccontextmanager
 from importlib import metadata
 
+from anyio import to_thread
 from fastapi import FastAPI
 
 from infra.db import init_schema, make_engine
@@ -86,6 +87,8 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
             log.error("artifact store not usable: %s", exc)
         store = Store(engine)
         broker = Broker(config)
+        # One pooled connection per thread of the pool that runs the sync routes.
+        broker.warm_up(int(to_thread.current_default_thread_limiter().total_tokens))
         state = AppState(config, store, broker, key_hashes(config), artifacts)
         app.state.linearize = state
         app.state.metrics_registry, app.state.http_latency = make_registry(state)

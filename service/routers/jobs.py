@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from functools import partial
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ from api_schemas.jobs import Artifact as ArtifactModel
 from api_schemas.report import Report
 from api_schemas.specs import AnalyzeSpec, CompareSpec, CompressSpec, EvalSpec
 from infra.artifacts import iter_tar
-from infra.capacity import estimate_needs, refusal
+from infra.capacity import estimate_needs, model_facts, refusal
 from infra.db import JobRow
 from infra.modelcheck import ModelRejected, budget_problem, resolve_model
 from infra.objectstore import ArtifactStoreError
@@ -72,14 +73,16 @@ def _check_spec(spec: object, tenant: str, state: AppState) -> None:
             "task_dir is not accepted over REST (it would read the server's disk, and lm-eval "
             "task YAMLs can run code); use lm-eval's built-in tasks",
         )
-    if data.dataset_id is not None and state.store.get_dataset(tenant, data.dataset_id) is None:
-        raise unprocessable(["data", "dataset_id"], f"unknown dataset {data.dataset_id!r}")
+    if data.dataset_id is not None:
+        key = ("dataset", tenant, data.dataset_id)
+        if state.recent(key, lambda: state.store.get_dataset(tenant, data.dataset_id)) is None:
+            raise unprocessable(["data", "dataset_id"], f"unknown dataset {data.dataset_id!r}")
     models = spec.models if isinstance(spec, CompareSpec) else [spec.model]  # type: ignore[attr-defined]
     if getattr(spec, "reference", None) is not None:  # eval --reference: a model like any other
         models = [*models, spec.reference]  # type: ignore[attr-defined]
     for name in models:
         try:
-            source = resolve_model(name, state.settings)
+            source = state.recent(("model", name), partial(resolve_model, name, state.settings))
         except ModelRejected as exc:
             raise unprocessable("model", str(exc)) from None
         problem = budget_problem(spec, source.num_layers, name)
@@ -102,10 +105,12 @@ def _check_capacity(spec: object, source, state: AppState) -> None:
     """Refuse what no registered worker can hold (memory, scratch disk), with the numbers."""
     if source.path is None:
         return  # alias, hub or bucket model: its files are not here to be measured
-    needs = estimate_needs(spec, source.path)
+    facts = state.recent(("facts", source.path), lambda: model_facts(source.path))
+    needs = estimate_needs(spec, source.path, facts)
     if needs is None:
         return
-    workers = state.store.alive_workers(3 * state.settings.worker_heartbeat_s)
+    alive_s = 3 * state.settings.worker_heartbeat_s
+    workers = state.recent(("workers",), lambda: state.store.alive_workers(alive_s))
     problem = refusal(needs, workers)
     if problem is not None:
         raise unprocessable(problem[0], problem[1])

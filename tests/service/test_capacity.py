@@ -4,6 +4,7 @@ no registered worker has the memory or the scratch disk."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from test_api import AUTH, api, messages  # noqa: F401 (api: the app fixture)
 
 from api_schemas import AnalyzeSpec, CompressSpec, DataSpec
 from infra.capacity import Capacity, JobNeeds, estimate_needs, measure_capacity
+from service.deps import LOOKUP_TTL_S
 
 DATA = DataSpec(dataset_id="ds_x")
 
@@ -90,4 +92,5 @@ def test_submit_is_refused_when_no_worker_can_hold_the_job(api, model_root, reso
         assert part in messages(response)
 
     _register(api, memory=needs.memory_bytes, disk=weights)  # exactly enough: accepted
+    time.sleep(LOOKUP_TTL_S)  # the API reads the live workers at most once per LOOKUP_TTL_S
     assert api.post("/v1/jobs", json=body, headers=AUTH["alpha"]).status_code == 202

@@ -128,6 +128,22 @@ def test_expired_lease_is_requeued_by_the_reconciler_query(store):
     assert claim(store, row.id, "h:2:b").attempt == 2
 
 
+def test_the_reconciler_reads_only_unsent_and_overdue_queued_jobs(store):
+    def queued(enqueued_at):
+        row, _ = store.create_job("alpha", spec(), idempotency_key=None, max_queued=10)
+        with store.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == row.id).values(enqueued_at=enqueued_at))
+            s.commit()
+        return row.id
+
+    now = utcnow()
+    unsent, overdue = queued(None), queued(now - timedelta(seconds=60))
+    queued(now - timedelta(seconds=5))  # sent within the grace period: in flight, not read
+    running = queued(now - timedelta(seconds=60))
+    claim(store, running, "h:1:a")
+    assert store.queued_to_reconcile(now - timedelta(seconds=30)) == ([unsent], [overdue])
+
+
 def test_cancel_queued_is_immediate_and_running_is_cooperative(store):
     queued, _ = store.create_job("alpha", spec(), idempotency_key=None, max_queued=10)
     store.request_cancel(queued.id)
