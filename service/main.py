@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
             log.error("artifact store not usable: %s", exc)
         store = Store(engine)
         broker = Broker(config)
-        # One pooled connection per thread of the pool that runs the sync routes.
+        # A pooled connection for each thread that runs sync routes, up to the pool's limit.
         broker.warm_up(int(to_thread.current_default_thread_limiter().total_tokens))
         state = AppState(config, store, broker, key_hashes(config), artifacts)
         app.state.linearize = state
