@@ -399,7 +399,9 @@ class Trials:
         sets = {"fit": self.windows.fit}
         fmt = job.spec.format
         with job.timed("fit"), job.pass_stage("fit", stack, sets, f"k = {wanted}") as st:
-            stats, _, _ = fit_pass(stack, job.planner(stack), union, fmt, self.windows.fit, stage=st)
+            stats, _, _ = fit_pass(
+                stack, job.planner(stack), union, fmt, self.windows.fit, stage=st
+            )
             maps = fit_spans(stack.model, stats, fmt=fmt)
         for b in wanted:
             self._maps[b] = {span: maps[span] for span in spans[b]}
