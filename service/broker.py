@@ -47,26 +47,21 @@ class Broker:
         if self._sqla is not None:
             self._sqla.dispose()
 
-    def warm_up(self, connections: int) -> None:
-        """Do the publisher's set-up before the first request: Celery's task machinery, and up
-        to `connections` pooled connections (at most the pool's limit) with the queues declared
-        on each. Left to the first submit, it added ~0.1 s to that request (~0.02 s after it,
-        measured on a quiet host). A broker that is down now is left to the submits and the
-        reconciler, as when it goes down later."""
-        producers = []
+    def warm_up(self) -> None:
+        """Do the publisher's one-time set-up before the first request: Celery's task
+        machinery, a pooled connection and the queues' declarations. Left to the first submit,
+        it added ~0.1 s to that request (~0.02 s after it, measured on a quiet host). One
+        connection only: the pool grows with concurrent publishes, and connections opened ahead
+        would all go stale together when Redis restarts. A broker that is down now is left to
+        the submits and the reconciler, as when it goes down later."""
         try:
             self.app.loader.import_default_modules()
-            pool = self.app.producer_pool
-            for _ in range(min(connections, pool.limit or connections)):
-                producers.append(pool.acquire(block=True))
-                producers[-1].connection.ensure_connection(max_retries=1)
+            with self.app.producer_or_acquire() as producer:
+                producer.connection.ensure_connection(max_retries=1)
                 for queue in (self.settings.job_queue, self.settings.webhook_queue):
-                    producers[-1].maybe_declare(self.app.amqp.queues[queue])
+                    producer.maybe_declare(self.app.amqp.queues[queue])
         except Exception as exc:
             log.warning("broker not reachable at start (%s); publishing will retry", exc)
-        finally:
-            for producer in producers:
-                producer.release()
 
     def publish_job(self, job_id: str) -> bool:
         """Send the job to its queue; False if the broker is down (the reconciler retries)."""

@@ -7,7 +7,6 @@ import time
 from contextlib import asynccontextmanager
 from importlib import metadata
 
-from anyio import to_thread
 from fastapi import FastAPI
 
 from infra.db import init_schema, make_engine
@@ -87,8 +86,7 @@ def create_app(settings: Settings | None = None, *, reconcile: bool = True) -> F
             log.error("artifact store not usable: %s", exc)
         store = Store(engine)
         broker = Broker(config)
-        # A pooled connection for each thread that runs sync routes, up to the pool's limit.
-        broker.warm_up(int(to_thread.current_default_thread_limiter().total_tokens))
+        broker.warm_up()
         state = AppState(config, store, broker, key_hashes(config), artifacts)
         app.state.linearize = state
         app.state.metrics_registry, app.state.http_latency = make_registry(state)
