@@ -11,11 +11,12 @@ only near the boundary:
    When the first one fails, the bracket's lower end itself is confirmed healed (the checkpoint
    is always a healed model), and downwards while that fails.
 
-Every trial shares the job's one baseline and analysis pass and the original's reference logits
-on the validation slice, which is where trials are measured (the evaluation windows choose
-nothing); the chosen k's checkpoint is then saved, reloaded and measured on the evaluation
-windows like any other. The bracket and confirm logic is `search_largest_passing`, which takes
-the two measures as functions, so that it is tested on planted quality curves.
+Every trial shares the job's one baseline and analysis pass, its fitted maps (one fit pass fits
+FIT_BATCH budgets) and the original's reference logits on the validation slice, which is where
+trials are measured (the evaluation windows choose nothing); the chosen k's checkpoint is
+then saved, reloaded and measured on the evaluation windows like any other. The bracket and
+confirm logic is `search_largest_passing`, which takes the two measures as functions, so that it
+is tested on planted quality curves.
 
 `select` is the older search of `--target-ppl-increase` (unhealed trials, perplexity only) and
 the plain budgets `--layers K` and `--indices`.
