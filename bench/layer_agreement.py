@@ -2,8 +2,10 @@
 affine map (the `linear` format's map, fitted on the calibration half) or nothing (removal).
 
 A diagnostic for gates on agreement: it answers "can any single layer go while top-1 agreement
-stays above X?" before a search is run. Each layer is replaced through a forward hook on a
-resident model, so the 2 x 29 variants share one model load and one statistics pass.
+stays above X?" before a search is run. Top-1 agreement is the search's (argmax equality); the
+KL here is over the whole vocabulary, where the search's is on the teacher's top logits. Each
+layer is replaced through a forward hook on a resident model, so the 2 x 29 variants share one
+model load and one statistics pass.
 
     python bench/layer_agreement.py --data ../shared/data/wikitext-2-raw/wiki.test.raw
 

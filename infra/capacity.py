@@ -70,14 +70,13 @@ def model_facts(model_dir: Path) -> ModelFacts | None:
     return ModelFacts(weights_bytes(model_dir, config), hidden, vocab)
 
 
-def estimate_needs(
-    spec: object, model_dir: Path, facts: ModelFacts | None = None
-) -> JobNeeds | None:
-    """None when the model is not a local safetensors directory with a readable config.
-    `facts`: the model's, when the caller has read them already."""
-    facts = facts or model_facts(model_dir)
-    if facts is None:
-        return None
+def estimate_needs(spec: object, model_dir: Path) -> JobNeeds | None:
+    """None when the model is not a local safetensors directory with a readable config."""
+    facts = model_facts(model_dir)
+    return None if facts is None else needs_for(spec, facts)
+
+
+def needs_for(spec: object, facts: ModelFacts) -> JobNeeds:
     return needs_from(
         spec, weights_bytes=facts.weights_bytes, hidden=facts.hidden, vocab=facts.vocab
     )

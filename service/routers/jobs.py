@@ -27,7 +27,7 @@ from api_schemas.jobs import Artifact as ArtifactModel
 from api_schemas.report import Report
 from api_schemas.specs import AnalyzeSpec, CompareSpec, CompressSpec, EvalSpec
 from infra.artifacts import iter_tar
-from infra.capacity import estimate_needs, model_facts, refusal
+from infra.capacity import model_facts, needs_for, refusal
 from infra.db import JobRow
 from infra.modelcheck import ModelRejected, budget_problem, resolve_model
 from infra.objectstore import ArtifactStoreError
@@ -106,9 +106,9 @@ def _check_capacity(spec: object, source, state: AppState) -> None:
     if source.path is None:
         return  # alias, hub or bucket model: its files are not here to be measured
     facts = state.recent(("facts", source.path), lambda: model_facts(source.path))
-    needs = estimate_needs(spec, source.path, facts)
-    if needs is None:
-        return
+    if facts is None:
+        return  # not a local safetensors directory with a readable config: nothing to estimate
+    needs = needs_for(spec, facts)
     alive_s = 3 * state.settings.worker_heartbeat_s
     workers = state.recent(("workers",), lambda: state.store.alive_workers(alive_s))
     problem = refusal(needs, workers)
