@@ -6,6 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+# The suite runs in one process per core (pytest-xdist, at most 4): much of it waits on service
+# processes or runs single-threaded Python. A module stays on one process (its fixtures are built
+# once), and the slow end-to-end tests start first (tests/conftest.py). PYTEST_PROCS=0: one process.
+PYTEST_PROCS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_PROCS) --maxprocesses 4 --dist loadscope
 
 .PHONY: setup browser mixture demo test test-fast test-ui lint format bench bench-quality bench-scale bench-service bench-ui clean
 
@@ -48,10 +53,10 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: setup browser lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-ui: setup browser
 	$(PY) -m pytest -q tests/ui

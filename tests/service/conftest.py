@@ -4,6 +4,7 @@ Celery processes, and a tiny random model so each job takes seconds. Loopback on
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,7 @@ def text_file(tmp_path_factory) -> Path:
 def pg_database() -> str:
     """The `linearize_test` database (created once); tests isolate themselves by schema."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     admin = create_engine(pg_admin_url(), isolation_level="AUTOCOMMIT")
     try:
@@ -89,7 +91,9 @@ def pg_database() -> str:
                 text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": PG_DB}
             ).scalar()
             if not exists:
-                conn.execute(text(f"CREATE DATABASE {PG_DB}"))
+                # another test process (pytest-xdist) may create it between the two statements
+                with contextlib.suppress(IntegrityError, ProgrammingError):
+                    conn.execute(text(f"CREATE DATABASE {PG_DB}"))
     except Exception as exc:  # .ci/run starts PostgreSQL; a missing one is a setup error
         pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER}: {exc}")
     finally:
