@@ -266,6 +266,15 @@ class Execution(_Model):
         "model's code was imported, before any weight was read: the peak minus this is what "
         "the job added.",
     )
+    peak_rises: dict[str, int] = Field(
+        default_factory=dict,
+        description="What each timed stage added to the measured peak while it ran, in bytes "
+        "(summed over its runs; rises under 1 MiB are not credited): where the memory went.",
+    )
+    peak_stage: str | None = Field(
+        None,
+        description="The last stage that raised the peak: where the measured peak was reached.",
+    )
 
 
 class Resumed(_Model):

@@ -131,6 +131,12 @@ def main() -> None:
         "mode": data["execution"]["mode"],
         "replaced": data["replaced_layers"],
         "timings": data.get("timings"),
+        "planned_peak": data["execution"].get("planned_peak_bytes"),
+        "memory_plan": data["execution"].get("memory_plan"),
+        "start_memory": data["execution"].get("start_memory_bytes"),
+        # what each stage added to the peak: where the memory went
+        "peak_rises": data["execution"].get("peak_rises"),
+        "peak_stage": data["execution"].get("peak_stage"),
         "perplexity_reloaded_equals_compressed": data["perplexity"]["validation_reloaded"]
         == data["perplexity"]["validation_compressed"],
     }
@@ -142,6 +148,9 @@ def main() -> None:
     print(f"| {args.layers} | {weights['total'] / mib:.0f} | {weights['layer'] / mib:.0f} | "
           f"{peak / mib:.0f} | {baseline / mib:.0f} | {wall:.1f} |")  # fmt: skip
     print(json.dumps(result["timings"]))
+    print(f"what each stage added to the peak (MiB), reached in {result['peak_stage']}:")
+    for stage, rise in (result["peak_rises"] or {}).items():
+        print(f"  {stage}: +{rise / mib:.0f}")
 
 
 if __name__ == "__main__":

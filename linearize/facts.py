@@ -63,6 +63,8 @@ def execution_info(job, stack) -> Execution:
         planned_peak_bytes=placement.plan.total if placement.plan else None,
         memory_plan=dict(placement.plan.items) if placement.plan else {},
         start_memory_bytes=placement.start_memory,
+        peak_rises=dict(job.peak_rises),
+        peak_stage=job.peak_stage,
     )
 
 

@@ -15,6 +15,8 @@ from linearize.progress import Progress
 
 log = logging.getLogger(__name__)
 
+PEAK_RISE_FLOOR = 2**20  # bytes: a stage that raised the peak by less is not credited
+
 
 @contextmanager
 def timed_into(timings: dict[str, float], name: str):
@@ -28,6 +30,8 @@ def timed_into(timings: dict[str, float], name: str):
 
 class Job:
     def __init__(self, spec, progress: Progress):
+        from linearize.memory import peak_rss_bytes
+
         self.spec = spec
         self.progress = progress
         self.timings: dict[str, float] = {}
@@ -41,6 +45,12 @@ class Job:
         # auto` fits the chosen layers to measure the fit, and the job's own replacement of the
         # same layers takes them instead of a second fit pass (linearize.pipeline).
         self.fitted_maps: dict[tuple[int, ...], dict] = {}
+        # What each timed stage added to the process's peak memory (the report's
+        # execution.peak_rises), and the last stage that raised it: where the peak was reached.
+        self.peak_rises: dict[str, int] = {}
+        self.peak_stage: str | None = None
+        self._last_peak = peak_rss_bytes()  # the peak when the last stage ended
+        self._device = None  # the model's device, once loaded (the peak is measured there)
 
     @contextmanager
     def timed(self, name: str):
@@ -49,6 +59,18 @@ class Job:
             yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+            self._mark_peak(name)
+
+    def _mark_peak(self, name: str) -> None:
+        """Credit the stage that just ended with what it added to the peak. Rises under
+        PEAK_RISE_FLOOR are the allocator's page-level noise, not a stage's doing."""
+        from linearize.memory import peak_bytes
+
+        peak = peak_bytes(self._device or "cpu")
+        rise, self._last_peak = peak - self._last_peak, max(peak, self._last_peak)
+        if rise >= PEAK_RISE_FLOOR:
+            self.peak_rises[name] = self.peak_rises.get(name, 0) + rise
+            self.peak_stage = name
 
     def close(self) -> None:
         """Remove every spilled activation file, whatever happened to the run."""
@@ -67,7 +89,7 @@ class Job:
 
     def load(self, source: str, *, activation_tokens: int = 0):
         """The model as a LayerStack (`loaded.stack`), resident or streamed for the budget."""
-        from linearize.memory import reset_peak
+        from linearize.memory import peak_bytes, reset_peak
         from linearize.placement import open_stack
 
         self.text()
@@ -85,7 +107,11 @@ class Job:
             )
         if self.placement is None:  # the job's model (a reload keeps the job's placement)
             self.placement = placement
-            reset_peak(loaded.stack.device)
+            self._device = loaded.stack.device
+            reset_peak(self._device)
+            if self._device.type == "cuda":  # the peak counts from here on; the load was host RSS
+                self.peak_rises, self.peak_stage = {}, None
+                self._last_peak = peak_bytes(self._device)
         return loaded
 
     def windows(

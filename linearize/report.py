@@ -301,6 +301,8 @@ def memory_text(e) -> str:
         text += f" ({_size(added)} over the process at start)"
     if e.planned_peak_bytes is not None:
         text = f"planned {_size(e.planned_peak_bytes)}, {text}"
+    if e.peak_stage:
+        text += f", reached in {e.peak_stage}"
     return text
 
 
@@ -313,6 +315,11 @@ def render_memory_plan(e) -> list[str]:
     if e.start_memory_bytes is not None:
         added = e.peak_memory_bytes - e.start_memory_bytes
         measured += f"\n| **measured peak minus the process at start** | {_size(added)} |"
+    rises = [f"{name} +{_size(size)}" for name, size in e.peak_rises.items()]
+    if rises:
+        measured += f"\n| **where the peak rose (stage +bytes)** | {', '.join(rises)} |"
+    if e.peak_stage:
+        measured += f"\n| **stage that reached the peak** | {e.peak_stage} |"
     return [
         "| memory plan | bytes |",
         "|---|---|",

@@ -69,3 +69,52 @@ def test_a_resident_kl_heal_counts_two_windows_of_logits_and_their_gradients():
     plan = plan_memory(SHAPE, kl, 1000, streamed=False)
     assert plan.items["healing loss (one step)"] == 4 * 128 * 1000 * 4
     assert "healing loss (one step)" not in plan_memory(SHAPE, kl, 10**12, streamed=True).items
+
+
+STAGES_SCRIPT = """
+import json, torch
+from linearize.job import Job
+from linearize.progress import Progress
+job = Job(spec=None, progress=Progress())
+with job.timed("small"):
+    torch.ones(1024)
+with job.timed("large"):
+    block = torch.ones(64, 2**20)  # 256 MiB of float32, every page written
+    del block
+with job.timed("small again"):
+    pass
+print(json.dumps({"rises": job.peak_rises, "stage": job.peak_stage}))
+"""
+
+
+def test_each_stage_is_credited_with_what_it_added_to_the_peak_and_the_report_names_the_last():
+    """A planted stage that holds 256 MiB at once, in a fresh process (a test process's own
+    high-water mark is whatever earlier tests left): that stage is credited with the rise, and
+    the report says the peak was reached there."""
+    import json
+    import subprocess
+    import sys
+
+    from api_schemas.report import Execution
+    from linearize.report import _size, memory_text, render_memory_plan
+
+    run = subprocess.run(
+        [sys.executable, "-c", STAGES_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    marked = json.loads(run.stdout.strip().splitlines()[-1])
+    rises = marked["rises"]
+    assert 250 * 2**20 <= rises["large"] <= 300 * 2**20  # the block, less pages already held
+    assert "small again" not in rises  # the peak does not go down, and it added nothing
+    assert rises.get("small", 0) < 16 * 2**20
+    assert marked["stage"] == "large"
+    execution = Execution(
+        mode="resident", device="cpu", memory_budget_bytes=0, weight_bytes=0,
+        largest_layer_bytes=0, peak_memory_bytes=2**30, planned_peak_bytes=1,
+        memory_plan={"weights (all resident)": 1}, peak_rises=rises, peak_stage="large",
+    )  # fmt: skip
+    assert memory_text(execution).endswith(", reached in large")
+    table = "\n".join(render_memory_plan(execution))
+    assert "| **stage that reached the peak** | large |" in table
+    rose = next(line for line in table.splitlines() if "where the peak rose" in line)
+    assert rose.endswith(f"large +{_size(rises['large'])} |")

@@ -353,8 +353,12 @@ def test_a_streamed_compress_under_a_third_of_its_weights_peaks_within_the_budge
     assert sum(plan.values()) == execution["planned_peak_bytes"] <= budget
     assert plan["LM head"] == plan["embeddings and final norm"] - 512 * 4  # the final norm
     assert execution["start_memory_bytes"] < execution["peak_memory_bytes"] <= peak
+    # every stage's rise is in the peak, and the stage named as reaching it raised it
+    assert 0 < sum(execution["peak_rises"].values()) <= execution["peak_memory_bytes"]
+    assert execution["peak_rises"][execution["peak_stage"]] > 0
     summary = (scratch / "s" / "report.md").read_text()
     assert "planned peak (total)" in summary and "measured peak" in summary
+    assert f"| **stage that reached the peak** | {execution['peak_stage']} |" in summary
 
 
 def test_a_budget_under_the_plans_least_names_every_item(sharded_llama, data, tmp_path):
