@@ -372,3 +372,21 @@ def test_shrinking_moves_the_map_and_its_intercept_linearly_toward_the_identity(
         torch.testing.assert_close(got.bias, 0.75 * affine.bias)
     x = torch.randn(5, D, dtype=affine.weight.dtype)
     torch.testing.assert_close(shrunk[(1, 1)].apply(x), 0.75 * affine.apply(x) + 0.25 * x)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_a_carrier_folded_in_blocks_equals_the_whole_product(layout, monkeypatch):
+    """An expert stack folded a few columns (or rows) at a time, so that the float64 work stays
+    small, gives exactly what one product over the whole stack gives: Tᵀ W or W T per expert."""
+    from linearize import surgery
+    from linearize.kinds import Carrier
+
+    gen = torch.Generator().manual_seed(3)
+    shape = (5, D, 48) if layout == "out_in" else (5, 48, D)
+    weight = torch.nn.Parameter(torch.randn(*shape, generator=gen).to(torch.bfloat16))
+    affine = _random_map(4, bias=False)
+    t, w = affine.weight, weight.detach().to(torch.float64)
+    expected = (t.T @ w if layout == "out_in" else w @ t).to(torch.bfloat16)
+    monkeypatch.setattr(surgery, "FOLD_BLOCK_BYTES", 8 * D * 7)  # 7 columns or rows a block
+    surgery.fold_into_carrier(Carrier("experts.down_proj", weight, None, layout, False), affine)
+    assert torch.equal(weight.detach(), expected)
