@@ -181,6 +181,14 @@ class CompressSpec(_JobBase):
         "instead of the calibration text, in [0, 1]; 0 turns replay off; None: the default "
         "share when the mixture is built (linearize.mixture).",
     )
+    fit_mix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the fit windows (the analysis's and the fitted map's statistics) "
+        "drawn from the general text mixture instead of the calibration text, in [0, 1]; the "
+        "validation windows stay the calibration text's. 0: the calibration text alone.",
+    )
     map_shrink: float = Field(
         0.0,
         ge=0,

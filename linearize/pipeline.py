@@ -192,6 +192,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.auto import choose_method
     from linearize.behaviour import Behaviour
     from linearize.foldcheck import require_surgery
+    from linearize.replay import mix_fit
     from linearize.resume import open_resume
 
     spec = job.spec
@@ -206,6 +207,7 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         require_surgery(stack.model.config, fold=spec.format == "standard" and not removes(spec))
     text = healing_text(job, stack)
     windows = job.windows(tokenizer, eval_tokens=spec.eval_tokens, **text)
+    fit_mixed = mix_fit(spec, tokenizer, windows)
     texts, replayed = outside_texts(job, stack, tokenizer, windows)
     job.resume = resume = open_resume(job, stack, windows)
     whole = whole_model_measures(job, stack)
@@ -235,6 +237,8 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
         )
         if choice:
             selection["method_choice"] = choice
+    if fit_mixed:
+        selection["fit_mix"] = fit_mixed
     spec = job.spec  # auto resolved to the method it picked
     # The evaluation windows are measured once, on the checkpoint reloaded from disk
     # (save_and_verify); the reload is checked against the in-memory validation figure.

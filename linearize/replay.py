@@ -1,4 +1,5 @@
-"""Replay: a share of the healing windows comes from the general text mixture.
+"""Replay: a share of the healing windows comes from the general text mixture; `--fit-mix`
+does the same for the fit windows.
 
 Healing on the calibration text alone overwrites what that text never shows; swapping a share
 of its windows for general text kept more of the model elsewhere (METHODS.md, "Replay in
@@ -66,5 +67,34 @@ def replay(spec, tokenizer, windows, notes: list[str]) -> dict | None:
         "share": share,
         "general_windows": n_general,
         "own_windows": len(windows.heal) - n_general,
+        "source": "the general text mixture's healing part (linearize.mixture)",
+    }
+
+
+def mix_fit(spec, tokenizer, windows) -> dict | None:
+    """--fit-mix: swap a share of the fit windows for the mixture's (in place), so that the
+    analysis and the fitted map see general text too; the validation windows, which judge the
+    result in domain, stay the user's. The calibration hash follows the windows, so that no
+    cached analysis of the other windows is taken for this one."""
+    import torch
+
+    from linearize.data import hash_tokens
+    from linearize.mixture import is_built
+
+    if not spec.fit_mix:
+        return None
+    if not is_built():
+        raise DataError(
+            "--fit-mix draws fit windows from the general text mixture, which is not built: "
+            "python -m linearize.mixture build (make setup runs it)"
+        )
+    n_general = round(spec.fit_mix * len(windows.fit))
+    general = general_windows(tokenizer, max(1, n_general), windows.seq_len)
+    windows.fit, n_general = mixed_windows(windows.fit, general, spec.fit_mix)
+    windows.calib_sha256 = hash_tokens(torch.cat([windows.fit, windows.validation]))
+    return {
+        "share": spec.fit_mix,
+        "general_windows": n_general,
+        "own_windows": len(windows.fit) - n_general,
         "source": "the general text mixture's healing part (linearize.mixture)",
     }

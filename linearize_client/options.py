@@ -22,6 +22,7 @@ PLAIN_FIELDS = (
     "heal_seconds",
     "heal_tokens",
     "heal_mix",
+    "fit_mix",
     "map_shrink",
     "heal_loss",
     "heal_text",
@@ -83,6 +84,13 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
         metavar="SHARE",
         help="share of the healing windows drawn from the general text mixture (replay), in "
         "[0, 1]; 0 turns it off; default 0.5 when the mixture is built",
+    )
+    p.add_argument(
+        "--fit-mix",
+        type=float,
+        metavar="SHARE",
+        help="share of the fit windows (the analysis's and the map's statistics) drawn from the "
+        "general text mixture, in [0, 1]; default 0, the calibration text alone",
     )
     p.add_argument(
         "--map-shrink",

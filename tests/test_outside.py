@@ -193,6 +193,7 @@ def test_empty_eval_text_and_unknown_gate_text_are_clear_errors(tmp_path):
         (["--gate-ppl-increase", "code=5"], "names the text 'code', which is not measured"),
         (["--heal-mix", "2"], "heal_mix is the share"),
         (["--map-shrink", "1.5"], "map_shrink"),
+        (["--fit-mix", "-0.1"], "fit_mix"),
         (["--map-shrink", "0.5", "--method", "remove"], "method=remove fits none"),
     ],
 )
@@ -220,6 +221,41 @@ def test_compress_measures_the_general_text_replays_it_and_gates_on_it(
     assert "## Outside the calibration text" in markdown and "| general |" in markdown
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert saved["eval_texts"][0]["compressed"] == general.compressed
+
+
+def test_fit_mix_swaps_the_stated_share_of_fit_windows_and_keeps_validation(
+    tiny_llama, planted_mixture, tmp_path
+):
+    """--fit-mix 0.25: a quarter of the fit windows (the last ones) are the mixture's first
+    windows; the validation windows and the healing text stay the calibration text's; the
+    analysis and the map are computed on the mixed windows (another calibration hash)."""
+    from linearize.data import build_windows, load_source
+    from linearize.loading import load_model
+    from linearize.replay import general_windows, mix_fit
+
+    spec = tiny_spec(tiny_llama, fit_mix=0.25, heal_steps=0)
+    tokenizer = load_model(str(tiny_llama)).tokenizer
+    windows = build_windows(
+        tokenizer, load_source(spec.data), calib_tokens=2048, eval_tokens=1024, seq_len=128
+    )
+    own_fit, validation, calib_hash = windows.fit, windows.validation, windows.calib_sha256
+    record = mix_fit(spec, tokenizer, windows)
+    n = len(own_fit)  # 16 calibration windows: 12 fit, 4 validation; a quarter of 12 is 3
+    assert n == 12 and len(windows.fit) == 12
+    assert record == {"share": 0.25, "general_windows": 3, "own_windows": 9,
+                      "source": record["source"]}  # fmt: skip
+    assert torch.equal(windows.fit[:9], own_fit[:9])
+    assert torch.equal(windows.fit[9:], general_windows(tokenizer, 3, 128))
+    assert windows.validation is validation and windows.calib_sha256 != calib_hash
+    report = pipeline.run(spec, output_dir=tmp_path / "o")
+    assert report.selection["fit_mix"]["general_windows"] == 3
+    assert report.data.calib_sha256 == windows.calib_sha256
+
+
+def test_fit_mix_without_the_mixture_is_a_clear_error(tiny_llama, monkeypatch, tmp_path):
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(DataError, match="--fit-mix draws fit windows from the general text"):
+        pipeline.run(tiny_spec(tiny_llama, fit_mix=0.5, heal_steps=0), output_dir=tmp_path / "o")
 
 
 def test_auto_picks_the_method_that_measures_better_on_general_text(planted_mixture, tmp_path):
