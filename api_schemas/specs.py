@@ -189,13 +189,12 @@ class CompressSpec(_JobBase):
         "drawn from the general text mixture instead of the calibration text, in [0, 1]; the "
         "validation windows stay the calibration text's. 0: the calibration text alone.",
     )
-    map_shrink: float = Field(
+    map_shrink: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
         0.0,
-        ge=0,
-        le=1,
         description="Shrink each fitted map toward the identity: A -> (1 - s) A + s I, "
         "b -> (1 - s) b. 0 keeps the least-squares map; 1 is the identity, i.e. plain removal "
-        "of the span with the fit's choice of layers.",
+        "of the span with the fit's choice of layers; auto: the amount of SHRINK_GRID whose "
+        "unhealed model measures the lowest perplexity on held-out general text.",
     )
     heal_text: str | None = Field(
         None,
@@ -227,7 +226,7 @@ class CompressSpec(_JobBase):
                 "heal_mix is the share of healing windows drawn from the general mixture, "
                 f"in [0, 1]; got {self.heal_mix}"
             )
-        if self.map_shrink and self.method == "remove":
+        if self.map_shrink not in (0, "auto") and self.method == "remove":
             raise ValueError("map_shrink shrinks a fitted map, and method=remove fits none")
         if self.heal_mix and self.heal_steps == 0:
             raise ValueError("heal_mix mixes the healing text, but heal_steps=0 turns healing off")

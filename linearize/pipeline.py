@@ -189,7 +189,7 @@ def compare(job: Job, output_dir: Path | None, force: bool) -> Report:
 
 def compress(job: Job, output_dir: Path, force: bool) -> Report:
     from linearize.architectures import num_layers
-    from linearize.auto import choose_method
+    from linearize.auto import choose_method, choose_shrink
     from linearize.behaviour import Behaviour
     from linearize.foldcheck import require_surgery
     from linearize.replay import mix_fit
@@ -226,17 +226,22 @@ def compress(job: Job, output_dir: Path, force: bool) -> Report:
     if spec.layers == "max":
         from linearize.search import search_max
 
+        choose_shrink(job, stack, tokenizer, windows, analysis, n_layers)  # auto: 0, with a note
+
         found = search_max(job, stack, windows, analysis, baseline_val, n_layers)
         stack = loaded.stack = found.stack
         indices, selection, before_healing = found.indices, found.selection, None
         compressed_val = None if spec.dry_run else found.validation
     else:
         choice = choose_method(job, stack, tokenizer, windows, analysis, n_layers)
+        shrink = choose_shrink(job, stack, tokenizer, windows, analysis, n_layers)
         indices, selection, before_healing, compressed_val = replace_and_heal(
             job, stack, windows, analysis, baseline_val, n_layers, replayed
         )
         if choice:
             selection["method_choice"] = choice
+        if shrink:
+            selection["shrink_choice"] = shrink
     if fit_mixed:
         selection["fit_mix"] = fit_mixed
     spec = job.spec  # auto resolved to the method it picked

@@ -94,10 +94,11 @@ def add_compress_options(p: argparse.ArgumentParser, *, budget_required: bool) -
     )
     p.add_argument(
         "--map-shrink",
-        type=float,
-        metavar="S",
+        type=shrink_value,
+        metavar="S|auto",
         help="shrink each fitted map toward the identity by S in [0, 1] (1: plain removal of "
-        "the fit's layers); default 0, the least-squares map",
+        "the fit's layers); auto: the amount whose unhealed model does best on held-out general "
+        "text; default 0, the least-squares map",
     )
     p.add_argument(
         "--heal-text",
@@ -226,6 +227,18 @@ def compress_fields(args: argparse.Namespace) -> dict[str, Any]:
     if args.dry_run:
         fields["dry_run"] = True
     return fields
+
+
+def shrink_value(text: str) -> float | str:
+    """--map-shrink: an amount, or auto (chosen on general text)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [0, 1] or auto, got {text!r}"
+        ) from None
 
 
 def layers_value(text: str) -> int | str:

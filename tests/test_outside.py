@@ -289,6 +289,49 @@ def test_auto_picks_the_method_that_measures_better_on_general_text(planted_mixt
     assert f"method auto picked {picked}" in " ".join(report.notes)
 
 
+def test_a_map_shrink_that_is_neither_a_number_nor_auto_is_a_usage_error(capsys, tmp_path):
+    argv = ["compress", "--model", "m", "--data", "wikitext2", "--layers", "2", "--output",
+            str(tmp_path / "o"), "--map-shrink", "lots"]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert "expected a number in [0, 1] or auto, got 'lots'" in capsys.readouterr().err
+
+
+def test_map_shrink_auto_keeps_the_amount_that_measures_best_on_general_text(
+    tiny_llama, planted_mixture, tmp_path
+):
+    """Every amount of the grid is tried on the general text's choice windows; the lowest
+    perplexity wins, and the checkpoint is the one a fixed --map-shrink of that amount gives."""
+    from linearize.auto import SHRINK_GRID
+
+    report = pipeline.run(
+        tiny_spec(tiny_llama, method="fit", map_shrink="auto", heal_steps=0),
+        output_dir=tmp_path / "auto",
+    )
+    choice = report.selection["shrink_choice"]
+    trials = {float(a): p for a, p in choice["trials"].items()}
+    assert sorted(trials) == sorted(SHRINK_GRID) and len(set(trials.values())) == len(trials)
+    assert choice["picked"] == min(trials, key=lambda a: (trials[a], a))
+    assert f"map shrink auto picked {choice['picked']:g}" in " ".join(report.notes)
+    fixed = pipeline.run(
+        tiny_spec(tiny_llama, method="fit", map_shrink=choice["picked"], heal_steps=0),
+        output_dir=tmp_path / "fixed",
+    )
+    assert report.replaced_layers == fixed.replaced_layers
+    assert report.perplexity.compressed == fixed.perplexity.compressed
+
+
+def test_map_shrink_auto_is_zero_with_a_note_where_it_cannot_choose(
+    tiny_llama, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LINEARIZE_CACHE_DIR", str(tmp_path / "no-mixture"))
+    spec = tiny_spec(tiny_llama, method="fit", map_shrink="auto", heal_steps=0)
+    report = pipeline.run(spec, output_dir=tmp_path / "o")
+    assert "shrink_choice" not in report.selection
+    assert "map shrink auto is 0: the general text mixture is not built" in report.notes
+
+
 def test_generated_windows_continue_their_prompts_to_full_windows(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(save_tiny_model("llama", tmp_path / "m"))
     fit = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator())
