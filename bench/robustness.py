@@ -109,6 +109,8 @@ def summarise(report: dict, extra: list[str], wall: float, exit_code: int) -> di
         "layers": report["replaced_layers"],
         "method": report["method"],
         "method_choice": report["selection"].get("method_choice"),
+        "shrink_choice": report["selection"].get("shrink_choice"),
+        "fit_mix": report["selection"].get("fit_mix"),
         "heal_steps": healing.get("steps"),
         "heal_seconds": healing.get("seconds"),
         "before_healing_pct": pct(ppl.get("before_healing"), ppl["baseline"]),
